@@ -1,0 +1,1 @@
+"""The typer front end of rnmt (installed as the package `rnmt_cli`)."""

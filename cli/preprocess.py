@@ -1,0 +1,48 @@
+"""`rnmt preprocess`: learn vocabularies and binarise a parallel corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def preprocess(
+    source_lang: Annotated[str, typer.Option("--source-lang", "-s", help="Source language code (file suffix).")],
+    target_lang: Annotated[str, typer.Option("--target-lang", "-t", help="Target language code (file suffix).")],
+    train: Annotated[str, typer.Option(help="Training prefix: reads PREFIX.SRC and PREFIX.TGT (or .gz).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    valid: Annotated[Optional[str], typer.Option(help="Validation prefix.")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Test prefix.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Sentencepiece vocabulary size (soft limit).")] = 8000,
+    model_type: Annotated[str, typer.Option(help="Sentencepiece model: unigram or bpe.")] = "unigram",
+    separate_vocab: Annotated[bool, typer.Option(help="Train one sentencepiece model per language instead of a joint one.")] = False,
+    joined_dictionary: Annotated[bool, typer.Option(help="One vocabulary for both sides (needed to share embeddings).")] = False,
+    spm_model: Annotated[Optional[Path], typer.Option(help="Reuse this sentencepiece model (any special ids) instead of training one.")] = None,
+    max_len: Annotated[int, typer.Option(help="Drop training pairs with a side longer than this many pieces.")] = 250,
+    errors: Annotated[str, typer.Option(help="Invalid UTF-8: replace (U+FFFD, counted) or strict (stop).")] = "replace",
+    threads: Annotated[int, typer.Option(help="Threads for sentencepiece.")] = 2,
+) -> None:
+    """Learn sentencepiece vocabularies and binarise train/valid/test."""
+    from rnmt.preprocess import PreprocessConfig
+    from rnmt.preprocess import preprocess as run
+
+    report = run(PreprocessConfig(
+        src_lang=source_lang, tgt_lang=target_lang, out=out, train=train, valid=valid,
+        test=test, vocab_size=vocab_size, model_type=model_type, separate_vocab=separate_vocab,
+        joined_dictionary=joined_dictionary, spm_model=spm_model, max_len=max_len,
+        errors=errors, threads=threads,
+    ))
+    console = Console(stderr=True)
+    table = Table(title=f"rnmt preprocess → {out}")
+    for column in ("split", "pairs", "kept", "empty", f"> {max_len} pieces", "invalid UTF-8 lines"):
+        table.add_column(column, justify="right")
+    for s in report.splits:
+        table.add_row(s.name, str(s.total), str(s.kept), str(s.empty), str(s.too_long),
+                      str(s.invalid_utf8_lines))
+    console.print(table)
+    sizes = ", ".join(f"{lang} {n}" for lang, n in report.vocab_sizes.items())
+    console.print(f"vocabulary sizes (with 4 specials): {sizes}")

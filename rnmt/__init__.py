@@ -1,0 +1,3 @@
+"""rnmt: neural machine translation with recurrent networks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""Recurrent decoders: Bahdanau's attentive decoder, Luong's, and the vanilla one.
+
+Bahdanau et al. 2015 (`attention="bahdanau"`): the score uses the *previous* state,
+and the context enters both the recurrence and the output layer:
+
+    c_t = Attention(s_{t-1}, h)                          (eq. 5-6)
+    s_t = RNN([E y_{t-1}; c_t], s_{t-1})                 (eq. 4)
+    o_t = tanh(W_o [s_t; c_t; E y_{t-1}])                deep output (sec. A.2.2, no maxout)
+    p(y_t | y_<t, x) = softmax(W_out o_t)
+
+Luong et al. 2015 (`attention="dot"|"general"|"concat"`): the score uses the *current* state,
+
+    s_t = RNN([E y_{t-1}; h̃_{t-1}] if input feeding else E y_{t-1}, s_{t-1})
+    c_t = Attention(s_t, h);   h̃_t = tanh(W_c [c_t; s_t])   (eq. 5)
+    p(y_t | y_<t, x) = softmax(W_out h̃_t)                    (eq. 6)
+
+Which path training takes: Bahdanau and Luong with input feeding need the previous step's
+attention output to compute the next state, so they step through the target in a Python
+loop (the output layer and softmax still run once over all steps after the loop).
+Luong without input feeding runs the RNN over the whole target in one fused call and
+attends for all steps at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rnmt.models.encoder import EncoderOut
+from rnmt.nn.attention import Attention
+from rnmt.nn.rnn import RNN, State
+
+
+@dataclass
+class DecoderState:
+    """hidden: the RNN state, (layers, batch, hidden) (a pair for an LSTM);
+    feed: the previous attentional output h̃_{t-1} (batch, output_dim), for input feeding."""
+
+    hidden: State
+    feed: Tensor | None = None
+
+    def index_select(self, index: Tensor) -> "DecoderState":
+        if isinstance(self.hidden, tuple):
+            hidden: State = tuple(h.index_select(1, index) for h in self.hidden)  # type: ignore[assignment]
+        else:
+            hidden = self.hidden.index_select(1, index)
+        feed = None if self.feed is None else self.feed.index_select(0, index)
+        return DecoderState(hidden, feed)
+
+
+class AttentionDecoder(nn.Module):
+    """Shapes: tgt_in (batch, tgt_len) ids; memory (batch, src_len, memory_dim);
+    returns pre-softmax outputs (batch, tgt_len, output_dim) and attention weights."""
+
+    def __init__(
+        self,
+        embed: nn.Embedding,
+        cell: str,
+        hidden_dim: int,
+        layers: int,
+        memory_dim: int,
+        attention: str,
+        attn_dim: int,
+        output_dim: int,
+        input_feeding: bool,
+        dropout: float,
+        cell_impl: str = "fused",
+    ) -> None:
+        super().__init__()
+        self.embed = embed
+        self.dropout = nn.Dropout(dropout)
+        self.bahdanau = attention == "bahdanau"
+        self.input_feeding = input_feeding and not self.bahdanau
+        emb_dim = embed.embedding_dim
+        rnn_input = emb_dim + (memory_dim if self.bahdanau else 0)
+        rnn_input += output_dim if self.input_feeding else 0
+        self.rnn = RNN(cell, rnn_input, hidden_dim, layers, False, dropout, cell_impl)
+        self.attention = Attention(attention, hidden_dim, memory_dim, attn_dim)
+        out_input = hidden_dim + memory_dim + (emb_dim if self.bahdanau else 0)
+        self.output = nn.Linear(out_input, output_dim, bias=True)
+        self.output_dim = output_dim
+
+    def keys(self, memory: Tensor) -> Tensor:
+        return self.attention.keys(memory)
+
+    def step(
+        self, prev: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """One target position: prev (batch,) ids -> o_t (batch, output_dim), state, attn."""
+        emb = self.dropout(self.embed(prev))
+        return self._step(emb, state, enc)
+
+    def _step(
+        self, emb: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        assert enc.keys is not None
+        if self.bahdanau:
+            top = _top(state.hidden)
+            context, attn = self.attention(top, enc.keys, enc.memory, enc.mask)
+            s, hidden = self.rnn.step(torch.cat([emb, context], dim=-1), state.hidden)
+            o = torch.tanh(self.output(torch.cat([s, context, emb], dim=-1)))
+        else:
+            x = torch.cat([emb, state.feed], dim=-1) if self.input_feeding else emb
+            s, hidden = self.rnn.step(x, state.hidden)
+            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
+            o = torch.tanh(self.output(torch.cat([context, s], dim=-1)))
+        o = self.dropout(o)
+        return o, DecoderState(hidden, o if self.input_feeding else None), attn
+
+    def forward(
+        self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher forcing over the whole target: o (batch, tgt_len, output_dim), attn."""
+        assert enc.keys is not None
+        emb = self.dropout(self.embed(tgt_in))
+        if not self.bahdanau and not self.input_feeding:
+            s, _ = self.rnn(emb, None, state.hidden)  # one fused call over all steps
+            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
+            o = self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1))))
+            return o, attn
+        outputs, attns = [], []
+        for t in range(tgt_in.size(1)):
+            o, state, attn = self._step(emb[:, t], state, enc)
+            outputs.append(o)
+            attns.append(attn)
+        return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)
+
+
+class PlainDecoder(nn.Module):
+    """The vanilla decoder of Sutskever et al. 2014: s_t = RNN(E y_{t-1}, s_{t-1}),
+    p(y_t) = softmax(W_out s_t). The whole target runs in one fused call in training."""
+
+    def __init__(
+        self, embed: nn.Embedding, cell: str, hidden_dim: int, layers: int, dropout: float,
+        cell_impl: str = "fused",
+    ) -> None:
+        super().__init__()
+        self.embed = embed
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = RNN(cell, embed.embedding_dim, hidden_dim, layers, False, dropout, cell_impl)
+        self.output_dim = hidden_dim
+
+    def keys(self, memory: Tensor) -> None:
+        return None
+
+    def step(
+        self, prev: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, DecoderState, None]:
+        s, hidden = self.rnn.step(self.dropout(self.embed(prev)), state.hidden)
+        return self.dropout(s), DecoderState(hidden), None
+
+    def forward(self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut) -> tuple[Tensor, None]:
+        s, _ = self.rnn(self.dropout(self.embed(tgt_in)), None, state.hidden)
+        return self.dropout(s), None
+
+
+def _top(hidden: State) -> Tensor:
+    """The top layer's hidden state h (batch, hidden) of an RNN state."""
+    h = hidden[0] if isinstance(hidden, tuple) else hidden
+    return h[-1]

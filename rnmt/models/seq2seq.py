@@ -1,0 +1,108 @@
+"""The encoder-decoder: the model side of the protocol that search is written against.
+
+    enc = model.encode(src, src_lengths)                  # EncoderOut
+    state = model.init_state(enc)                         # DecoderState
+    log_probs, state, attn = model.step(prev, state, enc) # one target position
+    state = model.reorder_state(state, index)             # keep/repeat rows (beams)
+    enc = model.reorder_encoder(enc, index)               # keep/repeat sentences
+    logits = model(src, src_lengths, tgt_in)              # teacher forcing, training
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rnmt.models.config import ModelConfig
+from rnmt.models.decoder import AttentionDecoder, DecoderState, PlainDecoder
+from rnmt.models.encoder import Encoder, EncoderOut
+from rnmt.vocab import PAD
+
+
+class Bridge(nn.Module):
+    """The encoder's final state starts the decoder (Sutskever et al. 2014), through a
+    learned map so the sizes may differ: s_0^(l) = tanh(W_l [h→_n; h←_1; c…] + b_l).
+
+    Decoder layer l starts from encoder layer min(l, encoder layers - 1).
+    """
+
+    def __init__(self, final_dim: int, cell: str, hidden_dim: int, layers: int) -> None:
+        super().__init__()
+        self.parts = 2 if cell == "lstm" else 1
+        self.hidden_dim = hidden_dim
+        self.maps = nn.ModuleList(
+            nn.Linear(final_dim, hidden_dim * self.parts) for _ in range(layers)
+        )
+
+    def forward(self, final: list[Tensor]):
+        per_layer = [
+            torch.tanh(m(final[min(i, len(final) - 1)])) for i, m in enumerate(self.maps)
+        ]
+        stacked = torch.stack(per_layer)  # (layers, batch, parts * hidden)
+        if self.parts == 2:
+            h, c = stacked.split(self.hidden_dim, dim=-1)
+            return (h.contiguous(), c.contiguous())
+        return stacked
+
+
+class Seq2Seq(nn.Module):
+    """Encoder, bridge, decoder and the output projection W_out (output_dim -> vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        src_embed = nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=PAD)
+        tgt_embed = nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=PAD)
+        self.encoder = Encoder(src_embed, c.cell, c.hidden_dim, c.enc_layers, c.bidirectional,
+                               c.dropout, c.cell_impl)
+        if c.arch == "attention":
+            self.decoder: AttentionDecoder | PlainDecoder = AttentionDecoder(
+                tgt_embed, c.cell, c.dec_hidden_dim, c.dec_layers, self.encoder.memory_dim,
+                c.attention, c.attn_dim, c.output_dim, False, c.dropout, c.cell_impl,
+            )
+        else:
+            self.decoder = PlainDecoder(tgt_embed, c.cell, c.dec_hidden_dim, c.dec_layers,
+                                        c.dropout, c.cell_impl)
+        self.bridge = Bridge(self.encoder.final_dim, c.cell, c.dec_hidden_dim, c.dec_layers)
+        self.generator = nn.Linear(self.decoder.output_dim, c.tgt_vocab_size)
+
+    # --- the protocol -------------------------------------------------------------------
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOut:
+        enc = self.encoder(src, src_lengths)
+        enc.keys = self.decoder.keys(enc.memory)
+        return enc
+
+    def init_state(self, enc: EncoderOut) -> DecoderState:
+        assert enc.final is not None
+        return DecoderState(self.bridge(enc.final), self._initial_feed(enc))
+
+    def step(
+        self, prev: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """prev (batch,) -> log-probabilities (batch, vocab) in float32, state, attention."""
+        o, state, attn = self.decoder.step(prev, state, enc)
+        logits = self.generator(o)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # scores accumulate over many steps: keep them in fp32
+        return F.log_softmax(logits, dim=-1), state, attn
+
+    def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
+        return state.index_select(index)
+
+    def reorder_encoder(self, enc: EncoderOut, index: Tensor) -> EncoderOut:
+        return enc.index_select(index)
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits (batch, tgt_len, vocab)."""
+        enc = self.encode(src, src_lengths)
+        o, _ = self.decoder(tgt_in, self.init_state(enc), enc)
+        return self.generator(o)
+
+    def _initial_feed(self, enc: EncoderOut) -> Tensor | None:
+        decoder = self.decoder
+        if isinstance(decoder, AttentionDecoder) and decoder.input_feeding:
+            return enc.memory.new_zeros(enc.memory.size(0), decoder.output_dim)
+        return None

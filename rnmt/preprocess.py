@@ -1,0 +1,207 @@
+"""Preprocessing: learn (or reuse) sentencepiece, build vocabularies, binarise every split.
+
+Output directory layout:
+
+    meta.json                      languages, vocab sizes, split sizes, what was filtered
+    spm.model | spm.<lang>.model   the sentencepiece model(s)
+    vocab.<lang>.json              the pieces of each side, in rnmt id order
+    <split>.<lang>.ids.npy         flat int32 ids of a split's side
+    <split>.<lang>.offsets.npy     sentence boundaries (n + 1 int64)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rnmt.data import ParallelData, TokenArray, corpus_path, read_parallel
+from rnmt.errors import DataError
+from rnmt.vocab import Vocabulary, train_sentencepiece
+
+META = "meta.json"
+
+
+@dataclass
+class PreprocessConfig:
+    src_lang: str
+    tgt_lang: str
+    out: Path
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    vocab_size: int = 8000
+    model_type: str = "unigram"
+    separate_vocab: bool = False
+    joined_dictionary: bool = False
+    spm_model: Path | None = None
+    max_len: int = 250
+    errors: str = "replace"
+    threads: int = 2
+
+
+@dataclass
+class SplitReport:
+    """Counts of one split: kept pairs and the pairs dropped, by reason."""
+
+    name: str
+    total: int
+    kept: int
+    empty: int = 0
+    too_long: int = 0
+    invalid_utf8_lines: int = 0
+
+
+@dataclass
+class PreprocessReport:
+    splits: list[SplitReport] = field(default_factory=list)
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessReport:
+    """Read all splits, learn the vocabularies on train, write the binarised corpus."""
+    c = config
+    if c.src_lang == c.tgt_lang:
+        raise DataError(f"source and target language are both {c.src_lang!r}")
+    if c.model_type not in ("unigram", "bpe"):
+        raise DataError(f"unknown --model-type {c.model_type!r}; choose unigram or bpe")
+    splits = {"train": c.train, "valid": c.valid, "test": c.test}
+    texts = {}
+    for name, prefix in splits.items():
+        if prefix is None:
+            continue
+        src_file, tgt_file = corpus_path(prefix, c.src_lang), corpus_path(prefix, c.tgt_lang)
+        texts[name] = read_parallel(src_file, tgt_file, c.errors)
+        if name == "train" and not texts[name][0].lines:
+            raise DataError(f"{src_file}: training data is empty")
+
+    src_train, tgt_train = (t.lines for t in texts["train"])
+    src_vocab, tgt_vocab, spm_files = _vocabularies(c, src_train, tgt_train)
+
+    c.out.mkdir(parents=True, exist_ok=True)
+    for filename, proto in spm_files.items():
+        (c.out / filename).write_bytes(proto)
+    for lang, vocab in ((c.src_lang, src_vocab), (c.tgt_lang, tgt_vocab)):
+        (c.out / f"vocab.{lang}.json").write_text(
+            json.dumps(vocab.pieces, ensure_ascii=False), encoding="utf-8"
+        )
+
+    report = PreprocessReport(vocab_sizes={c.src_lang: len(src_vocab), c.tgt_lang: len(tgt_vocab)})
+    for name, (src_text, tgt_text) in texts.items():
+        src_ids = src_vocab.encode(src_text.lines, threads=c.threads)
+        tgt_ids = tgt_vocab.encode(tgt_text.lines, threads=c.threads)
+        split = SplitReport(name, len(src_ids), len(src_ids),
+                            invalid_utf8_lines=src_text.invalid_lines + tgt_text.invalid_lines)
+        if name == "train":  # valid and test are never filtered: every line gets scored
+            keep = []
+            for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+                if len(s) == 0 or len(t) == 0:
+                    split.empty += 1
+                elif len(s) > c.max_len or len(t) > c.max_len:
+                    split.too_long += 1
+                else:
+                    keep.append(i)
+            src_ids = [src_ids[i] for i in keep]
+            tgt_ids = [tgt_ids[i] for i in keep]
+            split.kept = len(keep)
+            if not keep:
+                raise DataError("no training pair is left after filtering")
+        TokenArray.from_sentences(src_ids).save(c.out / f"{name}.{c.src_lang}")
+        TokenArray.from_sentences(tgt_ids).save(c.out / f"{name}.{c.tgt_lang}")
+        report.splits.append(split)
+
+    meta = {
+        "format": "rnmt-data",
+        "version": 1,
+        "src_lang": c.src_lang,
+        "tgt_lang": c.tgt_lang,
+        "joined_dictionary": src_vocab is tgt_vocab,
+        "spm": {c.src_lang: _spm_name(c, c.src_lang), c.tgt_lang: _spm_name(c, c.tgt_lang)},
+        "vocab_sizes": report.vocab_sizes,
+        "splits": {s.name: asdict(s) for s in report.splits},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
+    }
+    (c.out / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    return report
+
+
+def _spm_name(c: PreprocessConfig, lang: str) -> str:
+    return f"spm.{lang}.model" if c.separate_vocab and c.spm_model is None else "spm.model"
+
+
+def _vocabularies(
+    c: PreprocessConfig, src_train: list[str], tgt_train: list[str]
+) -> tuple[Vocabulary, Vocabulary, dict[str, bytes]]:
+    if c.spm_model is not None:
+        try:
+            proto = Path(c.spm_model).read_bytes()
+        except OSError as err:
+            raise DataError(f"{c.spm_model}: cannot read sentencepiece model ({err.strerror})") from None
+        _check_spm(proto, c.spm_model)
+        src_proto = tgt_proto = proto
+    elif c.separate_vocab:
+        src_proto = train_sentencepiece(src_train, c.vocab_size, c.model_type, threads=c.threads)
+        tgt_proto = train_sentencepiece(tgt_train, c.vocab_size, c.model_type, threads=c.threads)
+    else:
+        src_proto = tgt_proto = train_sentencepiece(
+            src_train + tgt_train, c.vocab_size, c.model_type, threads=c.threads
+        )
+    files = {_spm_name(c, c.src_lang): src_proto, _spm_name(c, c.tgt_lang): tgt_proto}
+    if c.joined_dictionary:
+        if src_proto != tgt_proto:
+            raise DataError("--joined-dictionary needs one sentencepiece model for both sides")
+        joint = Vocabulary.build(src_proto, src_train + tgt_train, c.threads)
+        return joint, joint, files
+    return (
+        Vocabulary.build(src_proto, src_train, c.threads),
+        Vocabulary.build(tgt_proto, tgt_train, c.threads),
+        files,
+    )
+
+
+def _check_spm(proto: bytes, path: Path) -> None:
+    from rnmt.vocab import load_sentencepiece
+
+    try:
+        load_sentencepiece(proto)
+    except (RuntimeError, OSError):
+        raise DataError(f"{path}: not a sentencepiece model") from None
+
+
+def load_data(directory: Path, split: str) -> tuple[dict, ParallelData]:
+    """The meta description of a preprocessed corpus and one of its splits (memory-mapped)."""
+    meta = load_meta(directory)
+    src = TokenArray.load(directory / f"{split}.{meta['src_lang']}")
+    tgt = TokenArray.load(directory / f"{split}.{meta['tgt_lang']}")
+    if len(src) != len(tgt):
+        raise DataError(f"{directory}: split {split!r} has unequal sides")
+    return meta, ParallelData(src, tgt)
+
+
+def load_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{directory}: not a preprocessed corpus (no {META}; run rnmt preprocess)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: corrupt meta file") from None
+    if meta.get("format") != "rnmt-data":
+        raise DataError(f"{path}: not an rnmt data description")
+    return meta
+
+
+def load_vocabularies(directory: Path, meta: dict) -> tuple[Vocabulary, Vocabulary]:
+    """Source and target vocabularies of a preprocessed corpus (the same object if joined)."""
+    directory = Path(directory)
+    vocabs = []
+    for lang in (meta["src_lang"], meta["tgt_lang"]):
+        try:
+            proto = (directory / meta["spm"][lang]).read_bytes()
+            pieces = json.loads((directory / f"vocab.{lang}.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{directory}: cannot read the {lang} vocabulary ({err})") from None
+        vocabs.append(Vocabulary(proto, pieces))
+    if meta.get("joined_dictionary"):
+        return vocabs[0], vocabs[0]
+    return vocabs[0], vocabs[1]

@@ -1,0 +1,96 @@
+"""Reading text and batching."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from rnmt.data import (ParallelData, TokenArray, TokenBatchSampler, collate, read_lines,
+                       read_parallel)
+from rnmt.errors import DataError
+from rnmt.vocab import BOS, EOS, PAD
+
+
+def test_reading_handles_crlf_bom_gzip_and_a_missing_final_newline(tmp_path):
+    plain = tmp_path / "a.txt"
+    plain.write_bytes(b"\xef\xbb\xbfone\r\ntwo\n\nfour")
+    assert read_lines(plain).lines == ["one", "two", "", "four"]
+    packed = tmp_path / "a.txt.gz"
+    packed.write_bytes(gzip.compress("eins\nzwei\n".encode()))
+    assert read_lines(packed).lines == ["eins", "zwei"]
+
+
+def test_invalid_utf8_is_replaced_and_counted_or_stops_with_the_line_number(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine\nbro\xffken\nfine\n")
+    text = read_lines(path, errors="replace")
+    assert text.lines[1] == "bro\ufffdken" and text.invalid_lines == 1
+    with pytest.raises(DataError, match=r"bad.txt: line 2"):
+        read_lines(path, errors="strict")
+
+
+def test_parallel_files_of_unequal_length_name_both_files_and_counts(tmp_path):
+    (tmp_path / "x.de").write_text("a\nb\nc\n")
+    (tmp_path / "x.en").write_text("a\nb\n")
+    with pytest.raises(DataError) as err:
+        read_parallel(tmp_path / "x.de", tmp_path / "x.en")
+    assert "x.de has 3 lines" in str(err.value) and "x.en has 2" in str(err.value)
+
+
+def test_a_truncated_gzip_file_is_a_data_error(tmp_path):
+    path = tmp_path / "t.de.gz"
+    path.write_bytes(gzip.compress(b"line\n" * 1000)[:40])
+    with pytest.raises(DataError, match="t.de.gz"):
+        read_lines(path)
+
+
+def _random_data(n: int, seed: int = 0) -> ParallelData:
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, rng.integers(1, 40)) for _ in range(n)]
+    tgt = [rng.integers(4, 50, rng.integers(1, 40)) for _ in range(n)]
+    return ParallelData(TokenArray.from_sentences(src), TokenArray.from_sentences(tgt))
+
+
+def test_every_training_pair_is_batched_exactly_once_per_epoch():
+    data = _random_data(500)
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, max_tokens=300, seed=7)
+    for epoch in range(3):
+        seen = np.concatenate(list(sampler))
+        assert sorted(seen.tolist()) == list(range(500))
+        assert sampler.epoch == epoch + 1
+
+
+def test_batches_stay_within_the_token_budget_and_epochs_differ():
+    data = _random_data(500)
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, max_tokens=300, seed=7)
+    for indices in sampler.batches(0):
+        batch = collate(data, indices)
+        assert batch.src.numel() <= 300 and batch.tgt_out.numel() <= 300
+    first = [b.tolist() for b in sampler.batches(0)]
+    assert first == [b.tolist() for b in sampler.batches(0)]  # reproducible
+    assert first != [b.tolist() for b in sampler.batches(1)]  # reshuffled
+
+
+def test_sampler_resumes_mid_epoch_where_it_stopped():
+    data = _random_data(300)
+    straight = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
+    expected = [b.tolist() for b in straight.batches(0)]
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
+    it = iter(sampler)
+    head = [next(it).tolist() for _ in range(5)]
+    resumed = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
+    resumed.load_state_dict(sampler.state_dict())
+    assert head + [b.tolist() for b in resumed] == expected
+
+
+def test_collate_adds_bos_and_eos_and_pads():
+    data = ParallelData(TokenArray.from_sentences([np.array([5, 6]), np.array([7])]),
+                        TokenArray.from_sentences([np.array([8]), np.array([9, 10, 11])]))
+    batch = collate(data, [0, 1])
+    assert batch.src.tolist() == [[5, 6, EOS], [7, EOS, PAD]]
+    assert batch.src_lengths.tolist() == [3, 2]
+    assert batch.tgt_in.tolist() == [[BOS, 8, PAD, PAD], [BOS, 9, 10, 11]]
+    assert batch.tgt_out.tolist() == [[8, EOS, PAD, PAD], [9, 10, 11, EOS]]
+    assert batch.num_tgt_tokens == 6
