@@ -1,0 +1,66 @@
+"""Training throughput of the reference model: real (non-pad) target tokens per second.
+
+Runs `--warmup` updates, then `--batches` timed updates of full training steps (forward,
+backward, clip, Adam) on batches of a preprocessed corpus, and prints the median and
+quartiles of per-batch target tokens/s plus peak resident memory.
+
+Usage: python benchmarks/train_speed.py DATA_DIR [--threads 2] [--batches 30] [--max-tokens 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rnmt.data import TokenBatchSampler, collate
+from rnmt.models import ModelConfig, build_model
+from rnmt.preprocess import load_data, load_vocabularies
+from rnmt.training import token_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=3000)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    meta, data = load_data(args.data, "train")
+    src_vocab, tgt_vocab = load_vocabularies(args.data, meta)
+    model = build_model(ModelConfig(src_vocab_size=len(src_vocab),
+                                    tgt_vocab_size=len(tgt_vocab))).to(args.device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, args.max_tokens, seed=1)
+    batches = sampler.batches(0)[: args.warmup + args.batches]
+    rates = []
+    for i, indices in enumerate(batches):
+        start = time.perf_counter()
+        batch = collate(data, indices).to(torch.device(args.device))
+        loss, n_tokens = token_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            rates.append(n_tokens / (time.perf_counter() - start))
+    q1, median, q3 = statistics.quantiles(rates, n=4)
+    params = sum(p.numel() for p in model.parameters())
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"reference model, {params:,} parameters, {args.threads} threads, {args.device}")
+    print(f"target tokens/s over {len(rates)} batches: median {median:,.0f} "
+          f"(quartiles {q1:,.0f}-{q3:,.0f}); peak RSS {rss_mb:,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
