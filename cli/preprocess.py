@@ -1,4 +1,5 @@
-"""`rnmt preprocess`: learn vocabularies and binarise a parallel corpus."""
+"""`rnmt preprocess`: learn vocabularies and binarise a parallel (or, with --mono, a
+monolingual) corpus."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from rich.table import Table
 
 
 def preprocess(
-    source_lang: Annotated[str, typer.Option("--source-lang", "-s", help="Source language code (file suffix).")],
-    target_lang: Annotated[str, typer.Option("--target-lang", "-t", help="Target language code (file suffix).")],
-    train: Annotated[str, typer.Option(help="Training prefix: reads PREFIX.SRC and PREFIX.TGT (or .gz).")],
+    train: Annotated[str, typer.Option(help="Training prefix: reads PREFIX.SRC and PREFIX.TGT (or .gz); with --mono PREFIX.LANG.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    source_lang: Annotated[Optional[str], typer.Option("--source-lang", "-s", help="Source language code (file suffix).")] = None,
+    target_lang: Annotated[Optional[str], typer.Option("--target-lang", "-t", help="Target language code (file suffix).")] = None,
+    mono: Annotated[bool, typer.Option("--mono", help="Monolingual corpus of language --lang, for a language model (rnmt train --arch lm).")] = False,
+    lang: Annotated[Optional[str], typer.Option("--lang", "-l", help="With --mono: the language code (file suffix).")] = None,
     valid: Annotated[Optional[str], typer.Option(help="Validation prefix.")] = None,
     test: Annotated[Optional[str], typer.Option(help="Test prefix.")] = None,
     vocab_size: Annotated[int, typer.Option(help="Sentencepiece vocabulary size (soft limit).")] = 8000,
@@ -27,18 +30,27 @@ def preprocess(
     threads: Annotated[int, typer.Option(help="Threads for sentencepiece.")] = 2,
 ) -> None:
     """Learn sentencepiece vocabularies and binarise train/valid/test."""
+    from rnmt.errors import ConfigError
     from rnmt.preprocess import PreprocessConfig
     from rnmt.preprocess import preprocess as run
 
+    if mono:
+        if lang is None or source_lang is not None or target_lang is not None:
+            raise ConfigError("--mono takes one language: give -l/--lang, not -s/-t")
+        source_lang = target_lang = lang
+    elif lang is not None:
+        raise ConfigError("-l/--lang is for --mono; a parallel corpus needs -s and -t")
+    elif source_lang is None or target_lang is None:
+        raise ConfigError("give the languages: -s SRC -t TGT (or --mono -l LANG)")
     report = run(PreprocessConfig(
         src_lang=source_lang, tgt_lang=target_lang, out=out, train=train, valid=valid,
         test=test, vocab_size=vocab_size, model_type=model_type, separate_vocab=separate_vocab,
         joined_dictionary=joined_dictionary, spm_model=spm_model, max_len=max_len,
-        errors=errors, threads=threads,
+        errors=errors, threads=threads, mono=mono,
     ))
     console = Console(stderr=True)
     table = Table(title=f"rnmt preprocess → {out}")
-    for column in ("split", "pairs", "kept", "empty", f"> {max_len} pieces", "invalid UTF-8 lines"):
+    for column in ("split", "lines" if mono else "pairs", "kept", "empty", f"> {max_len} pieces", "invalid UTF-8 lines"):
         table.add_column(column, justify="right")
     for s in report.splits:
         table.add_row(s.name, str(s.total), str(s.kept), str(s.empty), str(s.too_long),

@@ -1,4 +1,4 @@
-"""`rnmt train`: train an attentive encoder-decoder on a preprocessed corpus."""
+"""`rnmt train`: train an encoder-decoder (attentive or vanilla) or a language model."""
 
 from __future__ import annotations
 
@@ -18,10 +18,17 @@ class RichReporter:
 
     def start(self, info: dict[str, Any]) -> None:
         c = info["model_config"]
+        what = [c["cell"]] + ([f"attention {c['attention']}"] if c["arch"] == "attention" else [])
+        what += [flag.replace("_", "-") for flag in ("input_feeding", "reverse_source",
+                                                     "tie_embeddings", "share_embeddings")
+                 if c.get(flag)]
+        if c.get("cell_impl", "fused") != "fused":
+            what.append(f"{c['cell_impl']} cells")
         self.console.print(
-            f"[bold]model[/bold] {c['arch']} ({c['cell']}, attention {c['attention']}): "
+            f"[bold]model[/bold] {c['arch']} ({', '.join(what)}): "
             f"{info['parameters']:,} parameters on {info['device']} "
-            f"({info['threads']} threads); {info['train_pairs']:,} training pairs, "
+            f"({info['threads']} threads); {info['train_pairs']:,} training "
+            f"{'sentences' if c['arch'] == 'lm' else 'pairs'}, "
             f"{info['batches_per_epoch']} batches/epoch"
             + (f"; resumed at step {info['resumed_at']}" if info["resumed_at"] else "")
         )
@@ -56,14 +63,20 @@ def _clock(seconds: float) -> str:
 def train(
     data: Annotated[Path, typer.Argument(help="Directory written by rnmt preprocess.")],
     save_dir: Annotated[Path, typer.Option(help="Where checkpoints (best.pt, last.pt) go.")],
-    arch: Annotated[str, typer.Option(help="attention (Bahdanau/Luong) or seq2seq (Sutskever, no attention).")] = "attention",
+    arch: Annotated[str, typer.Option(help="attention (Bahdanau/Luong), seq2seq (Sutskever, no attention) or lm (RNN language model).")] = "attention",
     cell: Annotated[str, typer.Option(help="Recurrent cell: lstm, gru or rnn.")] = "lstm",
+    cell_impl: Annotated[str, typer.Option(help="fused (torch/cuDNN kernels) or reference (the readable cells of rnmt.nn.cells: same results, slower).")] = "fused",
     attention: Annotated[str, typer.Option(help="Attention score: bahdanau, dot, general, concat.")] = "bahdanau",
+    input_feeding: Annotated[bool, typer.Option("--input-feeding", help="Luong input feeding: h̃_{t-1} joins the decoder input (dot/general/concat attention).")] = False,
+    reverse_source: Annotated[bool, typer.Option("--reverse-source", help="Read each source sentence backwards, </s> last (Sutskever et al. 2014).")] = False,
+    tie_embeddings: Annotated[bool, typer.Option("--tie-embeddings", help="Use the target embedding as the output projection (Press & Wolf 2017).")] = False,
+    share_embeddings: Annotated[bool, typer.Option("--share-embeddings", help="One embedding for source and target; needs data preprocessed with --joined-dictionary.")] = False,
     emb_dim: Annotated[int, typer.Option(help="Embedding size.")] = 256,
     hidden_dim: Annotated[int, typer.Option(help="Encoder hidden size per direction.")] = 256,
-    dec_hidden_dim: Annotated[int, typer.Option(help="Decoder hidden size.")] = 512,
+    dec_hidden_dim: Annotated[int, typer.Option(help="Decoder hidden size (a language model's hidden size).")] = 512,
+    layers: Annotated[Optional[int], typer.Option(help="Layers of encoder and decoder (sets both --enc-layers and --dec-layers).")] = None,
     enc_layers: Annotated[int, typer.Option(help="Encoder layers.")] = 1,
-    dec_layers: Annotated[int, typer.Option(help="Decoder layers.")] = 1,
+    dec_layers: Annotated[int, typer.Option(help="Decoder layers (a language model's layers).")] = 1,
     bidirectional: Annotated[bool, typer.Option(help="Bidirectional encoder.")] = True,
     attn_dim: Annotated[int, typer.Option(help="Additive attention's hidden size.")] = 512,
     output_dim: Annotated[int, typer.Option(help="Size of the output layer before the softmax.")] = 512,
@@ -82,13 +95,18 @@ def train(
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from SAVE_DIR/last.pt.")] = False,
 ) -> None:
-    """Train an attentive encoder-decoder on a preprocessed corpus."""
+    """Train an encoder-decoder or a language model on a preprocessed corpus."""
     from rnmt.training import TrainConfig, Trainer, TrainingInterrupted
 
+    if layers is not None:
+        enc_layers = dec_layers = layers
     model_config = dict(
-        arch=arch, cell=cell, attention=attention, emb_dim=emb_dim, hidden_dim=hidden_dim,
-        dec_hidden_dim=dec_hidden_dim, enc_layers=enc_layers, dec_layers=dec_layers,
-        bidirectional=bidirectional, attn_dim=attn_dim, output_dim=output_dim, dropout=dropout,
+        arch=arch, cell=cell, cell_impl=cell_impl, attention=attention, emb_dim=emb_dim,
+        hidden_dim=hidden_dim, dec_hidden_dim=dec_hidden_dim, enc_layers=enc_layers,
+        dec_layers=dec_layers, bidirectional=bidirectional, attn_dim=attn_dim,
+        output_dim=output_dim, dropout=dropout, input_feeding=input_feeding,
+        reverse_source=reverse_source, tie_embeddings=tie_embeddings,
+        share_embeddings=share_embeddings,
     )
     config = TrainConfig(
         save_dir=save_dir, max_tokens=max_tokens, max_sentences=max_sentences, lr=lr,

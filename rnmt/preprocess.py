@@ -7,6 +7,9 @@ Output directory layout:
     vocab.<lang>.json              the pieces of each side, in rnmt id order
     <split>.<lang>.ids.npy         flat int32 ids of a split's side
     <split>.<lang>.offsets.npy     sentence boundaries (n + 1 int64)
+
+A monolingual corpus (`mono=True`, for a language model) has one language: meta.json says
+`"mono": true`, `src_lang == tgt_lang == lang`, one vocabulary and one file pair per split.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rnmt.data import ParallelData, TokenArray, corpus_path, read_parallel
+from rnmt.data import ParallelData, TokenArray, corpus_path, read_lines, read_parallel
 from rnmt.errors import DataError
 from rnmt.vocab import Vocabulary, train_sentencepiece
 
@@ -38,6 +41,7 @@ class PreprocessConfig:
     max_len: int = 250
     errors: str = "replace"
     threads: int = 2
+    mono: bool = False  # one language (src_lang == tgt_lang): a language model's corpus
 
 
 @dataclass
@@ -61,10 +65,12 @@ class PreprocessReport:
 def preprocess(config: PreprocessConfig) -> PreprocessReport:
     """Read all splits, learn the vocabularies on train, write the binarised corpus."""
     c = config
-    if c.src_lang == c.tgt_lang:
-        raise DataError(f"source and target language are both {c.src_lang!r}")
     if c.model_type not in ("unigram", "bpe"):
         raise DataError(f"unknown --model-type {c.model_type!r}; choose unigram or bpe")
+    if c.mono:
+        return _preprocess_mono(c)
+    if c.src_lang == c.tgt_lang:
+        raise DataError(f"source and target language are both {c.src_lang!r}")
     splits = {"train": c.train, "valid": c.valid, "test": c.test}
     texts = {}
     for name, prefix in splits.items():
@@ -125,6 +131,66 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     return report
 
 
+def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
+    """One language: learn sentencepiece and the vocabulary on train, binarise each split."""
+    if c.src_lang != c.tgt_lang:
+        raise DataError(f"a monolingual corpus has one language, got {c.src_lang!r} and {c.tgt_lang!r}")
+    if c.spm_model is None and c.separate_vocab:
+        raise DataError("--separate-vocab needs two languages; a monolingual corpus has one")
+    lang = c.src_lang
+    texts = {}
+    for name, prefix in {"train": c.train, "valid": c.valid, "test": c.test}.items():
+        if prefix is not None:
+            texts[name] = read_lines(corpus_path(prefix, lang), c.errors)
+    if not texts["train"].lines:
+        raise DataError(f"{corpus_path(c.train, lang)}: training data is empty")
+
+    train_lines = texts["train"].lines
+    if c.spm_model is not None:
+        try:
+            proto = Path(c.spm_model).read_bytes()
+        except OSError as err:
+            raise DataError(f"{c.spm_model}: cannot read sentencepiece model ({err.strerror})") from None
+        _check_spm(proto, c.spm_model)
+    else:
+        proto = train_sentencepiece(train_lines, c.vocab_size, c.model_type, threads=c.threads)
+    vocab = Vocabulary.build(proto, train_lines, c.threads)
+
+    c.out.mkdir(parents=True, exist_ok=True)
+    (c.out / "spm.model").write_bytes(proto)
+    (c.out / f"vocab.{lang}.json").write_text(json.dumps(vocab.pieces, ensure_ascii=False),
+                                             encoding="utf-8")
+    report = PreprocessReport(vocab_sizes={lang: len(vocab)})
+    for name, text in texts.items():
+        ids = vocab.encode(text.lines, threads=c.threads)
+        split = SplitReport(name, len(ids), len(ids), invalid_utf8_lines=text.invalid_lines)
+        if name == "train":  # as for parallel data: only training lines are filtered
+            split.empty = sum(len(s) == 0 for s in ids)
+            split.too_long = sum(len(s) > c.max_len for s in ids)
+            ids = [s for s in ids if 0 < len(s) <= c.max_len]
+            split.kept = len(ids)
+            if not ids:
+                raise DataError("no training line is left after filtering")
+        TokenArray.from_sentences(ids).save(c.out / f"{name}.{lang}")
+        report.splits.append(split)
+
+    meta = {
+        "format": "rnmt-data",
+        "version": 1,
+        "mono": True,
+        "lang": lang,
+        "src_lang": lang,
+        "tgt_lang": lang,
+        "joined_dictionary": True,
+        "spm": {lang: "spm.model"},
+        "vocab_sizes": report.vocab_sizes,
+        "splits": {s.name: asdict(s) for s in report.splits},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
+    }
+    (c.out / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    return report
+
+
 def _spm_name(c: PreprocessConfig, lang: str) -> str:
     return f"spm.{lang}.model" if c.separate_vocab and c.spm_model is None else "spm.model"
 
@@ -169,8 +235,14 @@ def _check_spm(proto: bytes, path: Path) -> None:
 
 
 def load_data(directory: Path, split: str) -> tuple[dict, ParallelData]:
-    """The meta description of a preprocessed corpus and one of its splits (memory-mapped)."""
+    """The meta description of a preprocessed corpus and one of its splits (memory-mapped).
+
+    A monolingual split is its one side twice (the same arrays): source and target.
+    """
     meta = load_meta(directory)
+    if meta.get("mono"):
+        text = TokenArray.load(directory / f"{split}.{meta['lang']}")
+        return meta, ParallelData(text, text)
     src = TokenArray.load(directory / f"{split}.{meta['src_lang']}")
     tgt = TokenArray.load(directory / f"{split}.{meta['tgt_lang']}")
     if len(src) != len(tgt):

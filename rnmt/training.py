@@ -6,6 +6,11 @@ Batches come from `TokenBatchSampler` (token budget, length buckets, shuffled by
 Validation perplexity exp(loss) runs after every epoch and every `valid_every` updates;
 `best.pt` keeps the best validation loss, `last.pt` the latest state, from which `--resume`
 continues. SIGINT/SIGTERM finish the current update, save `last.pt` and stop.
+
+A language model (`arch="lm"`) trains the same way: its batches' `tgt_in = <s> y` and
+`tgt_out = y </s>` come from the one side of a monolingual corpus (`preprocess --mono`) or
+the target side of a parallel one; it ignores `src`. Its checkpoint holds the language's
+vocabulary as both `src_vocab` and `tgt_vocab`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import ParallelData, TokenBatchSampler, collate
 from rnmt.errors import CheckpointError, ConfigError
-from rnmt.models import ModelConfig, Seq2Seq, build_model
+from rnmt.models import Model, ModelConfig, build_model
 from rnmt.preprocess import load_data, load_vocabularies
 from rnmt.translator import resolve_device
 from rnmt.vocab import PAD, Vocabulary
@@ -86,7 +91,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def token_loss(model: Seq2Seq, batch) -> tuple[torch.Tensor, int]:
+def token_loss(model: Model, batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over real target pieces, and their number."""
     logits = model(batch.src, batch.src_lengths, batch.tgt_in)
     loss = F.cross_entropy(
@@ -97,7 +102,7 @@ def token_loss(model: Seq2Seq, batch) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Seq2Seq, data: ParallelData, max_tokens: int,
+def evaluate_loss(model: Model, data: ParallelData, max_tokens: int,
                   device: torch.device) -> float:
     """Mean per-piece negative log-likelihood of a split (perplexity = exp of it)."""
     was_training = model.training
@@ -129,6 +134,10 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         resumed = self._load_resume() if config.resume else None
+        options = resumed["model_config"] if resumed is not None else model_config
+        self._check_data_fits(data_dir, options)
+        if options.get("arch") == "lm":
+            self.src_vocab = self.tgt_vocab  # one language: the LM's (only) vocabulary
         if resumed is not None:
             self.model_config = ModelConfig.from_dict(resumed["model_config"])
         else:
@@ -145,6 +154,18 @@ class Trainer:
         if resumed is not None:
             self._restore(resumed)
         self._stop_signal: int | None = None
+
+    def _check_data_fits(self, data_dir: Path, options: dict[str, Any]) -> None:
+        """Model options that the data cannot serve are a ConfigError, before any training."""
+        if self.meta.get("mono") and options.get("arch") != "lm":
+            raise ConfigError(
+                f"{data_dir}: a monolingual corpus (preprocess --mono) trains only --arch lm"
+            )
+        if options.get("share_embeddings") and not self.meta.get("joined_dictionary"):
+            raise ConfigError(
+                f"--share-embeddings needs one vocabulary for both sides, but {data_dir} was "
+                "preprocessed without --joined-dictionary"
+            )
 
     # --- checkpoints --------------------------------------------------------------------
 

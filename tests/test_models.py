@@ -1,10 +1,14 @@
-"""The attentive encoder-decoder: padding, the step protocol, and learning."""
+"""The encoder-decoders and the LM: padding, the step protocol, fused == reference cells,
+and the wiring options (reversed source, input feeding, tied and shared embeddings)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
+from rnmt.models.seq2seq import reverse_source
 from rnmt.vocab import EOS
 
 SMALL = dict(emb_dim=16, hidden_dim=16, dec_hidden_dim=24, attn_dim=12, output_dim=20,
@@ -65,3 +69,142 @@ def test_vanilla_seq2seq_runs_the_protocol():
     log_probs, state, attn = model.step(torch.tensor([2]), model.init_state(enc), enc)
     assert log_probs.shape == (1, 25) and attn is None
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(1, dtype=torch.float64))
+
+
+# --- every cell, every architecture, both implementations ------------------------------
+CELLS = ("rnn", "lstm", "gru")
+ARCHS = {
+    "seq2seq": dict(arch="seq2seq"),
+    "seq2seq-reversed": dict(arch="seq2seq", reverse_source=True),
+    "bahdanau": dict(arch="attention", attention="bahdanau"),
+    "luong-general": dict(arch="attention", attention="general"),
+    "luong-dot-feeding": dict(arch="attention", attention="dot", hidden_dim=12,
+                              dec_hidden_dim=24, input_feeding=True),
+    "lm": dict(arch="lm"),
+}
+SRC = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, 0, 0], [11, EOS, 0, 0, 0]])
+SRC_LENGTHS = torch.tensor([5, 3, 2])
+TGT = torch.tensor([[2, 4, 5, 6], [2, 7, 8, 0], [2, 9, 0, 0]])
+TGT_LENGTHS = [4, 3, 2]
+
+
+def _zoo_model(arch: str, cell: str, layers: int = 2, src_vocab_size: int | None = None,
+               **overrides):
+    """A float64 model in eval mode; a language model (one vocabulary) gets 25 on both sides."""
+    torch.manual_seed(0)
+    sizes = dict(src_vocab_size=src_vocab_size or (25 if arch == "lm" else 30), tgt_vocab_size=25)
+    config = ModelConfig(**sizes, cell=cell, enc_layers=layers, dec_layers=layers,
+                         **{**SMALL, **ARCHS[arch], **overrides})
+    return build_model(config).eval().double()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_padding_never_changes_the_logits_of_any_cell_and_architecture(arch, cell):
+    model = _zoo_model(arch, cell)
+    batched = model(SRC, SRC_LENGTHS, TGT)
+    for i, (s, t) in enumerate(zip(SRC_LENGTHS.tolist(), TGT_LENGTHS)):
+        alone = model(SRC[i : i + 1, :s], SRC_LENGTHS[i : i + 1], TGT[i : i + 1, :t])
+        torch.testing.assert_close(batched[i, :t], alone[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_reference_cells_give_the_fused_logits_and_steps_on_the_same_weights(arch, cell):
+    fused = _zoo_model(arch, cell)
+    reference = _zoo_model(arch, cell, cell_impl="reference")
+    assert list(reference.state_dict()) == list(fused.state_dict())  # interchangeable checkpoints
+    reference.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(reference(SRC, SRC_LENGTHS, TGT), fused(SRC, SRC_LENGTHS, TGT),
+                               rtol=0, atol=1e-10)
+    enc_f, enc_r = fused.encode(SRC, SRC_LENGTHS), reference.encode(SRC, SRC_LENGTHS)
+    state_f, state_r = fused.init_state(enc_f), reference.init_state(enc_r)
+    for t in range(TGT.size(1)):
+        log_probs_f, state_f, _ = fused.step(TGT[:, t], state_f, enc_f)
+        log_probs_r, state_r, _ = reference.step(TGT[:, t], state_r, enc_r)
+        torch.testing.assert_close(log_probs_r, log_probs_f, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_by_step_decoding_equals_teacher_forcing_in_every_architecture(arch):
+    model = _zoo_model(arch, "lstm")
+    forced = torch.log_softmax(model(SRC, SRC_LENGTHS, TGT), -1)
+    enc = model.encode(SRC, SRC_LENGTHS)
+    state = model.init_state(enc)
+    for t in range(TGT.size(1)):
+        log_probs, state, _ = model.step(TGT[:, t], state, enc)
+        torch.testing.assert_close(log_probs, forced[:, t])
+
+
+def test_reference_cells_train_the_same_weights_as_fused():
+    fused = _zoo_model("bahdanau", "gru").train()
+    reference = _zoo_model("bahdanau", "gru", cell_impl="reference").train()
+    reference.load_state_dict(fused.state_dict())
+    for model in (fused, reference):
+        model(SRC, SRC_LENGTHS, TGT).logsumexp(-1).sum().backward()
+    for (name, p_f), p_r in zip(fused.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p_r.grad, p_f.grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_reverse_source_reverses_the_real_pieces_and_keeps_eos_last_and_padding_in_place():
+    assert reverse_source(SRC, SRC_LENGTHS).tolist() == [
+        [8, 7, 6, 5, EOS], [10, 9, EOS, 0, 0], [11, EOS, 0, 0, 0]]
+
+
+def test_reverse_source_changes_what_the_encoder_reads():
+    plain = _zoo_model("seq2seq", "lstm")
+    reversed_ = _zoo_model("seq2seq-reversed", "lstm")
+    reversed_.load_state_dict(plain.state_dict())
+    flipped = reverse_source(SRC, SRC_LENGTHS)
+    torch.testing.assert_close(reversed_(SRC, SRC_LENGTHS, TGT), plain(flipped, SRC_LENGTHS, TGT))
+    assert not torch.allclose(reversed_(SRC, SRC_LENGTHS, TGT), plain(SRC, SRC_LENGTHS, TGT))
+
+
+def test_input_feeding_widens_the_decoder_input_by_the_attentional_state():
+    without = _zoo_model("luong-general", "lstm", layers=1)
+    with_feeding = _zoo_model("luong-general", "lstm", layers=1, input_feeding=True)
+    assert with_feeding.decoder.rnn.layer.input_size == (
+        without.decoder.rnn.layer.input_size + SMALL["output_dim"])
+
+
+@pytest.mark.parametrize("arch", ["bahdanau", "seq2seq", "lm"])
+def test_tied_embeddings_are_one_matrix_with_a_projection_when_sizes_differ(arch):
+    model = _zoo_model(arch, "gru", tie_embeddings=True)
+    embed = model.embed if arch == "lm" else model.decoder.embed
+    assert model.generator.weight is embed.weight
+    assert isinstance(model.projection, torch.nn.Linear)  # output size != emb_dim here
+    untied = _zoo_model(arch, "gru")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) < count(untied)
+
+
+def test_tied_embeddings_need_no_projection_when_sizes_agree():
+    model = _zoo_model("luong-general", "lstm", tie_embeddings=True, output_dim=SMALL["emb_dim"])
+    assert isinstance(model.projection, torch.nn.Identity)
+    assert model.generator.weight is model.decoder.embed.weight
+
+
+def test_shared_embeddings_are_one_module_for_both_sides():
+    model = _zoo_model("bahdanau", "lstm", src_vocab_size=25, share_embeddings=True)
+    assert model.encoder.embed is model.decoder.embed
+
+
+@pytest.mark.parametrize("bad", [
+    dict(share_embeddings=True),  # 30 source entries, 25 target
+    dict(input_feeding=True),  # with Bahdanau attention
+    dict(arch="seq2seq", input_feeding=True),
+    dict(arch="lm", reverse_source=True),
+    dict(arch="lm"),  # two vocabulary sizes
+    dict(cell_impl="readable"),
+])
+def test_contradicting_model_options_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        ModelConfig(src_vocab_size=30, tgt_vocab_size=25, **bad)
+
+
+def test_configs_of_older_checkpoints_still_load():
+    old = {k: v for k, v in ModelConfig(30, 25).to_dict().items()
+           if k not in ("input_feeding", "reverse_source", "tie_embeddings", "share_embeddings")}
+    config = ModelConfig.from_dict(old)
+    assert not (config.input_feeding or config.reverse_source or config.tie_embeddings
+                or config.share_embeddings)

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, fields
 
 from rnmt.errors import ConfigError
 from rnmt.nn.attention import SCORES
-from rnmt.nn.rnn import CELLS
+from rnmt.nn.rnn import CELLS, IMPLS
 
-ARCHS = ("attention", "seq2seq")
+ARCHS = ("attention", "seq2seq", "lm")
 
 
 @dataclass
@@ -18,6 +18,13 @@ class ModelConfig:
     `hidden_dim` is the encoder's size per direction; `dec_hidden_dim` the decoder's.
     `output_dim` is the size of the layer between the decoder state and the softmax
     (Bahdanau's deep output / Luong's attentional hidden state h̃_t).
+
+    A language model (`arch="lm"`) is a decoder without a source: it uses `emb_dim`,
+    `dec_hidden_dim`, `dec_layers`, `cell`, `cell_impl`, `dropout` and `tie_embeddings`,
+    and its two vocabulary sizes are equal (one language).
+
+    Fields added after the first release have defaults that reproduce the old models, so
+    older checkpoints still load.
     """
 
     src_vocab_size: int
@@ -35,12 +42,20 @@ class ModelConfig:
     attn_dim: int = 512
     output_dim: int = 512
     dropout: float = 0.2
+    input_feeding: bool = False  # Luong: h̃_{t-1} joins the decoder input
+    reverse_source: bool = False  # Sutskever: read the source backwards (</s> stays last)
+    tie_embeddings: bool = False  # decoder input embedding = output projection
+    share_embeddings: bool = False  # one embedding for source and target (joined vocabulary)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}")
         if self.cell not in CELLS:
             raise ConfigError(f"unknown --cell {self.cell!r}; choose from {', '.join(CELLS)}")
+        if self.cell_impl not in IMPLS:
+            raise ConfigError(
+                f"unknown --cell-impl {self.cell_impl!r}; choose from {', '.join(IMPLS)}"
+            )
         if self.attention not in SCORES:
             raise ConfigError(
                 f"unknown --attention {self.attention!r}; choose from {', '.join(SCORES)}"
@@ -51,6 +66,22 @@ class ModelConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("--dropout must be in [0, 1)")
+        if self.input_feeding and not (self.arch == "attention" and self.attention != "bahdanau"):
+            raise ConfigError(
+                "--input-feeding is Luong's: it needs --arch attention with --attention "
+                "dot, general or concat (Bahdanau's decoder already feeds its context)"
+            )
+        if self.share_embeddings and self.arch == "lm":
+            raise ConfigError("--share-embeddings needs a source side; a language model has none")
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ConfigError(
+                "--share-embeddings needs one vocabulary for both sides "
+                f"(got {self.src_vocab_size} and {self.tgt_vocab_size} entries)"
+            )
+        if self.reverse_source and self.arch == "lm":
+            raise ConfigError("--reverse-source needs a source side; a language model has none")
+        if self.arch == "lm" and self.src_vocab_size != self.tgt_vocab_size:
+            raise ConfigError("a language model has one vocabulary: source and target sizes differ")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,11 +14,19 @@ Luong et al. 2015 (`attention="dot"|"general"|"concat"`): the score uses the *cu
     c_t = Attention(s_t, h);   h̃_t = tanh(W_c [c_t; s_t])   (eq. 5)
     p(y_t | y_<t, x) = softmax(W_out h̃_t)                    (eq. 6)
 
-Which path training takes: Bahdanau and Luong with input feeding need the previous step's
-attention output to compute the next state, so they step through the target in a Python
-loop (the output layer and softmax still run once over all steps after the loop).
-Luong without input feeding runs the RNN over the whole target in one fused call and
-attends for all steps at once.
+Which path training (teacher forcing, `forward`) takes, per architecture:
+
+    arch / decoder                      decoder RNN over the target       attention
+    seq2seq (PlainDecoder)              one fused call                    none
+    attention, Luong, no input feeding  one fused call                    all steps at once
+    attention, Luong + input feeding    Python loop, one step per token   per step
+    attention, Bahdanau                 Python loop, one step per token   per step
+    lm (rnmt.models.language_model)     one fused call                    none
+
+Bahdanau and Luong with input feeding need the previous step's attention output to compute
+the next state, so they step through the target (the softmax still runs once over all steps
+after the loop). With `cell_impl="reference"` every path is a per-token loop of the readable
+cells, whatever the architecture (same results, slower). Search always uses `step`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@
     state = model.reorder_state(state, index)             # keep/repeat rows (beams)
     enc = model.reorder_encoder(enc, index)               # keep/repeat sentences
     logits = model(src, src_lengths, tgt_in)              # teacher forcing, training
+
+Options that change the wiring, not the equations: `reverse_source` (Sutskever et al. 2014
+read the source backwards, so the first source words sit next to the first target words),
+`share_embeddings` (one embedding matrix for both sides, needs a joined vocabulary) and
+`tie_embeddings` (the target embedding is also the output projection, Press & Wolf 2017).
 """
 
 from __future__ import annotations
@@ -46,6 +51,34 @@ class Bridge(nn.Module):
         return stacked
 
 
+def reverse_source(src: Tensor, src_lengths: Tensor) -> Tensor:
+    """x_1 … x_n </s> -> x_n … x_1 </s> per sentence; `</s>` and the padding stay in place.
+
+    Shapes: src (batch, src_len) ids whose row b ends with `</s>` at src_lengths[b] - 1.
+    """
+    real = (src_lengths.to(src.device) - 1).unsqueeze(1)  # (batch, 1): pieces before </s>
+    steps = torch.arange(src.size(1), device=src.device).unsqueeze(0)  # (1, src_len)
+    return src.gather(1, torch.where(steps < real, real - 1 - steps, steps))
+
+
+def output_layer(input_dim: int, embed: nn.Embedding, tie: bool) -> tuple[nn.Module, nn.Linear]:
+    """The map from the decoder's output o_t to the logits: (projection, generator).
+
+    Untied: logits = W_out o_t + b.  Tied (Press & Wolf 2017): W_out = E, the target
+    embedding matrix, so logits = E (P o_t) + b, where P maps o_t to the embedding size
+    (identity when the sizes already agree).
+    """
+    vocab, emb_dim = embed.num_embeddings, embed.embedding_dim
+    if not tie:
+        return nn.Identity(), nn.Linear(input_dim, vocab)
+    projection: nn.Module = (
+        nn.Identity() if input_dim == emb_dim else nn.Linear(input_dim, emb_dim, bias=False)
+    )
+    generator = nn.Linear(emb_dim, vocab)
+    generator.weight = embed.weight
+    return projection, generator
+
+
 class Seq2Seq(nn.Module):
     """Encoder, bridge, decoder and the output projection W_out (output_dim -> vocab)."""
 
@@ -53,24 +86,30 @@ class Seq2Seq(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        src_embed = nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=PAD)
         tgt_embed = nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=PAD)
+        src_embed = (
+            tgt_embed if c.share_embeddings
+            else nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=PAD)
+        )
         self.encoder = Encoder(src_embed, c.cell, c.hidden_dim, c.enc_layers, c.bidirectional,
                                c.dropout, c.cell_impl)
         if c.arch == "attention":
             self.decoder: AttentionDecoder | PlainDecoder = AttentionDecoder(
                 tgt_embed, c.cell, c.dec_hidden_dim, c.dec_layers, self.encoder.memory_dim,
-                c.attention, c.attn_dim, c.output_dim, False, c.dropout, c.cell_impl,
+                c.attention, c.attn_dim, c.output_dim, c.input_feeding, c.dropout, c.cell_impl,
             )
         else:
             self.decoder = PlainDecoder(tgt_embed, c.cell, c.dec_hidden_dim, c.dec_layers,
                                         c.dropout, c.cell_impl)
         self.bridge = Bridge(self.encoder.final_dim, c.cell, c.dec_hidden_dim, c.dec_layers)
-        self.generator = nn.Linear(self.decoder.output_dim, c.tgt_vocab_size)
+        self.projection, self.generator = output_layer(self.decoder.output_dim, tgt_embed,
+                                                       c.tie_embeddings)
 
     # --- the protocol -------------------------------------------------------------------
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOut:
+        if self.config.reverse_source:
+            src = reverse_source(src, src_lengths)
         enc = self.encoder(src, src_lengths)
         enc.keys = self.decoder.keys(enc.memory)
         return enc
@@ -84,7 +123,7 @@ class Seq2Seq(nn.Module):
     ) -> tuple[Tensor, DecoderState, Tensor | None]:
         """prev (batch,) -> log-probabilities (batch, vocab) in float32, state, attention."""
         o, state, attn = self.decoder.step(prev, state, enc)
-        logits = self.generator(o)
+        logits = self.generator(self.projection(o))
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # scores accumulate over many steps: keep them in fp32
         return F.log_softmax(logits, dim=-1), state, attn
@@ -99,7 +138,7 @@ class Seq2Seq(nn.Module):
         """Teacher-forced logits (batch, tgt_len, vocab)."""
         enc = self.encode(src, src_lengths)
         o, _ = self.decoder(tgt_in, self.init_state(enc), enc)
-        return self.generator(o)
+        return self.generator(self.projection(o))
 
     def _initial_feed(self, enc: EncoderOut) -> Tensor | None:
         decoder = self.decoder

@@ -9,6 +9,10 @@ the tests can check them against torch to float64 precision.
 
 ``run_cell`` unrolls any of these cells over a padded batch the way
 ``torch.nn.RNN/LSTM/GRU`` read a ``pack_padded_sequence`` input.
+
+``parameters_from_torch`` gives a cell's parameters as differentiable functions of a torch
+layer's weights (no copy), which is how ``rnmt.nn.rnn.RNN(impl="reference")`` trains the
+fused layer's own parameters through these readable equations.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RNNCell", "LSTMCell", "GRUCell", "Cell", "State", "run_cell"]
+__all__ = ["RNNCell", "LSTMCell", "GRUCell", "Cell", "State", "run_cell", "parameters_from_torch"]
 
 #: The recurrent state: ``h`` for the RNN and GRU cells, ``(h, c)`` for the LSTM cell.
 State = Union[Tensor, tuple[Tensor, Tensor]]
@@ -87,6 +91,12 @@ def _check_shapes(cell: nn.Module, gates: int, weight_ih: Tensor, weight_hh: Ten
         )
 
 
+def _copy_parameters(cell: nn.Module, values: dict[str, Tensor]) -> nn.Module:
+    for name, value in values.items():
+        cell.get_parameter(name).copy_(value)
+    return cell
+
+
 class RNNCell(nn.Module):
     """One step of a vanilla (Elman) recurrent cell with a tanh non-linearity.
 
@@ -124,9 +134,13 @@ class RNNCell(nn.Module):
             )
         w_ih, w_hh, b_ih, b_hh = _torch_weights(cell_or_layer, nn.RNNCell, nn.RNN, layer, reverse)
         _check_shapes(self, 1, w_ih, w_hh)
-        self.linear.weight.copy_(torch.cat([w_hh, w_ih], dim=1))
-        self.linear.bias.copy_(b_ih + b_hh)
-        return self
+        return _copy_parameters(self, self.from_torch_layout(w_ih, w_hh, b_ih, b_hh))
+
+    @staticmethod
+    def from_torch_layout(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> dict[str, Tensor]:
+        """This cell's parameters as differentiable functions of torch's: W = [W_hh, W_ih],
+        b = b_ih + b_hh. Gradients flow back into torch's weights."""
+        return {"linear.weight": torch.cat([w_hh, w_ih], dim=1), "linear.bias": b_ih + b_hh}
 
 
 class LSTMCell(nn.Module):
@@ -176,14 +190,18 @@ class LSTMCell(nn.Module):
         """
         w_ih, w_hh, b_ih, b_hh = _torch_weights(cell_or_layer, nn.LSTMCell, nn.LSTM, layer, reverse)
         _check_shapes(self, 4, w_ih, w_hh)
+        return _copy_parameters(self, self.from_torch_layout(w_ih, w_hh, b_ih, b_hh))
+
+    @staticmethod
+    def from_torch_layout(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> dict[str, Tensor]:
+        """This cell's parameters as differentiable functions of torch's (see load_from_torch)."""
 
         def reorder(torch_stacked: Tensor) -> Tensor:
             by_gate = dict(zip("ifgo", torch_stacked.chunk(4, dim=0)))
             return torch.cat([by_gate[gate] for gate in "figo"], dim=0)
 
-        self.gates.weight.copy_(torch.cat([reorder(w_hh), reorder(w_ih)], dim=1))
-        self.gates.bias.copy_(reorder(b_ih + b_hh))
-        return self
+        return {"gates.weight": torch.cat([reorder(w_hh), reorder(w_ih)], dim=1),
+                "gates.bias": reorder(b_ih + b_hh)}
 
 
 class GRUCell(nn.Module):
@@ -241,21 +259,45 @@ class GRUCell(nn.Module):
         """
         w_ih, w_hh, b_ih, b_hh = _torch_weights(cell_or_layer, nn.GRUCell, nn.GRU, layer, reverse)
         _check_shapes(self, 3, w_ih, w_hh)
+        return _copy_parameters(self, self.from_torch_layout(w_ih, w_hh, b_ih, b_hh))
+
+    @staticmethod
+    def from_torch_layout(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> dict[str, Tensor]:
+        """This cell's parameters as differentiable functions of torch's (see load_from_torch)."""
         w_ir, w_iz, w_in = w_ih.chunk(3, dim=0)
         w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
         b_ir, b_iz, b_in = b_ih.chunk(3, dim=0)
         b_hr, b_hz, b_hn = b_hh.chunk(3, dim=0)
         w_r, w_z = torch.cat([w_hr, w_ir], dim=1), torch.cat([w_hz, w_iz], dim=1)
-        self.gates.weight.copy_(torch.cat([w_r, w_z], dim=0))
-        self.gates.bias.copy_(torch.cat([b_ir + b_hr, b_iz + b_hz]))
-        self.candidate_x.weight.copy_(w_in)
-        self.candidate_x.bias.copy_(b_in)
-        self.candidate_h.weight.copy_(w_hn)
-        self.candidate_h.bias.copy_(b_hn)
-        return self
+        return {
+            "gates.weight": torch.cat([w_r, w_z], dim=0),
+            "gates.bias": torch.cat([b_ir + b_hr, b_iz + b_hz]),
+            "candidate_x.weight": w_in, "candidate_x.bias": b_in,
+            "candidate_h.weight": w_hn, "candidate_h.bias": b_hn,
+        }
 
 
 Cell = Union[RNNCell, LSTMCell, GRUCell]
+
+#: The reference cell and the torch cell and fused layer it reads its weights from.
+TORCH_TWINS: dict[type[nn.Module], tuple[type[nn.RNNCellBase], type[nn.RNNBase]]] = {
+    RNNCell: (nn.RNNCell, nn.RNN),
+    LSTMCell: (nn.LSTMCell, nn.LSTM),
+    GRUCell: (nn.GRUCell, nn.GRU),
+}
+
+
+def parameters_from_torch(cell_type: type[Cell], cell_or_layer: nn.Module, layer: int = 0,
+                          reverse: bool = False) -> dict[str, Tensor]:
+    """A reference cell's parameters computed from one layer/direction of a torch module.
+
+    Unlike ``load_from_torch`` (a copy), the result stays connected to torch's weights, so
+    ``torch.func.functional_call(cell, parameters, ...)`` runs the readable equations on
+    the fused layer's own parameters and its gradients reach them.
+    """
+    cell_twin, layer_twin = TORCH_TWINS[cell_type]
+    weights = _torch_weights(cell_or_layer, cell_twin, layer_twin, layer, reverse)
+    return cell_type.from_torch_layout(*weights)
 
 
 def _select(keep_new: Tensor, new: State, old: State) -> State:
