@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from rnmt.errors import RnmtError
-from rnmt_cli import preprocess, score, train, translate
+from rnmt_cli import average, preprocess, score, train, translate
 
 app = typer.Typer(
     name="rnmt",
@@ -54,6 +54,7 @@ for name, function, summary in (
     ("train", train.train, "Train a model on a preprocessed corpus."),
     ("translate", translate.translate, "Translate stdin to stdout, one line in, one line out."),
     ("score", score.score, "Score translations (BLEU, chrF) against references."),
+    ("average", average.average, "Average the parameters of several checkpoints into one."),
 ):
     app.command(name=name, help=summary)(guarded(function))
 

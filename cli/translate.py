@@ -1,20 +1,37 @@
-"""`rnmt translate`: stdin to stdout, one line in, one line out."""
+"""`rnmt translate`: stdin to stdout (or --input/--output), one line in, one line out."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 
 def translate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to translate with.")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Checkpoint to translate with; repeat for an ensemble (log-probabilities averaged).")],
     beam: Annotated[int, typer.Option(help="Beam size; 1 = greedy search.")] = 5,
     length_penalty: Annotated[float, typer.Option(help="GNMT length penalty α; 0 ranks by raw log-probability.")] = 1.0,
     max_len_a: Annotated[float, typer.Option(help="Output length limit: a * source length + b.")] = 1.5,
     max_len_b: Annotated[int, typer.Option(help="Output length limit: a * source length + b.")] = 10,
+    min_len: Annotated[int, typer.Option(help="At least this many pieces before </s>.")] = 0,
+    nbest: Annotated[int, typer.Option(help="Output the K best per line as index<TAB>score<TAB>text (K <= beam).")] = 1,
+    no_repeat_ngram: Annotated[int, typer.Option(help="Never repeat an n-gram of pieces of this size in one output; 0 = off.")] = 0,
+    unk_penalty: Annotated[float, typer.Option(help="Subtracted from the log-probability of <unk>.")] = 0.0,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample outputs instead of searching (back-translation, language models).")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (>0); below 1 sharpens.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most probable pieces; 0 = all.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set of pieces holding this probability.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for --sample (repeatable draws).")] = None,
+    alignment: Annotated[bool, typer.Option("--alignment", help="Append <TAB> and Pharaoh src-tgt word pairs from the attention.")] = False,
+    output_format: Annotated[str, typer.Option(help="text, or json (translation, score, pieces, attention per line).")] = "text",
+    attention_plot: Annotated[Optional[Path], typer.Option(help="Write one PNG attention heatmap per sentence into this directory (needs matplotlib).")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Read this file instead of stdin.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write this file instead of stdout.")] = None,
+    buffer_size: Annotated[int, typer.Option(help="Lines read, translated and written at a time.")] = 2000,
+    interactive: Annotated[bool, typer.Option("--interactive", help="Answer each line at once (the default when stdin is a terminal).")] = False,
+    errors: Annotated[str, typer.Option(help="Invalid UTF-8 input: replace (U+FFFD, counted) or strict (stop).")] = "replace",
     batch_size: Annotated[int, typer.Option(help="Sentences per batch (sorted by length).")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
@@ -22,18 +39,60 @@ def translate(
     """Translate stdin to stdout, one line in, one line out."""
     import torch
 
-    from rnmt.data import decode_lines
     from rnmt.search import SearchConfig
-    from rnmt.translator import Translator
+    from rnmt.translator import OUTPUT_FORMATS, LineReader, Translator, format_translations
 
     if threads:
         torch.set_num_threads(threads)
-    if beam < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--beam")
-    config = SearchConfig(beam=beam, length_penalty=length_penalty, max_len_a=max_len_a,
-                          max_len_b=max_len_b)
-    translator = Translator.load(model, config, device=device, batch_size=batch_size)
-    lines = decode_lines(sys.stdin.buffer.read(), "<stdin>").lines
-    for line in translator.translate_lines(lines):
-        sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    if output_format not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"choose from {', '.join(OUTPUT_FORMATS)}",
+                                 param_hint="--output-format")
+    if errors not in ("replace", "strict"):
+        raise typer.BadParameter("choose replace or strict", param_hint="--errors")
+    if batch_size < 1 or buffer_size < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--batch-size/--buffer-size")
+    if attention_plot is not None:
+        from rnmt.plotting import require_matplotlib
+
+        require_matplotlib()
+    config = SearchConfig(
+        beam=beam, length_penalty=length_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
+        min_len=min_len, nbest=nbest, no_repeat_ngram=no_repeat_ngram, unk_penalty=unk_penalty,
+        sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        attention=alignment or output_format == "json" or attention_plot is not None,
+    )
+    source = sys.stdin.buffer if input is None else _open(input, "rb")
+    if interactive or (input is None and sys.stdin.isatty()):
+        buffer_size = 1
+    translator = Translator.load(model, config, device=device, batch_size=batch_size,
+                                 buffer_size=buffer_size)
+    reader = LineReader(source, "<stdin>" if input is None else str(input), errors)
+    sink = sys.stdout if output is None else _open(output, "w")
+    index = 0
+    for chunk in translator.translate_chunks(reader):
+        for translations in chunk:
+            for line in format_translations(index, translations, output_format,
+                                            nbest=nbest > 1, alignment=alignment):
+                sink.write(line + "\n")
+            if attention_plot is not None and translations[0].attention is not None:
+                from rnmt.plotting import plot_attention
+
+                best = translations[0]
+                plot_attention(attention_plot / f"{index}.png", best.source_pieces + ["</s>"],
+                               best.pieces + ["</s>"], best.attention)
+            index += 1
+        sink.flush()  # a chunk at a time: output starts before the input ends
+    if sink is not sys.stdout:
+        sink.close()
+    if reader.invalid_lines:
+        print(f"rnmt: warning: {reader.invalid_lines} input lines had invalid UTF-8, "
+              "replaced by U+FFFD", file=sys.stderr)
+
+
+def _open(path: Path, mode: str):
+    from rnmt.errors import DataError
+
+    try:
+        return open(path, mode, encoding=None if "b" in mode else "utf-8")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open ({err.strerror or err})") from None

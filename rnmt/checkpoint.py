@@ -72,3 +72,59 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if key not in payload:
             raise CheckpointError(f"{path}: incomplete checkpoint (no {key!r})")
     return payload
+
+
+def latest_checkpoints(directory: str | Path, n: int) -> list[Path]:
+    """The `n` checkpoints (`*.pt`) of `directory` with the highest stored "step", oldest
+    first. Files holding the same step (e.g. best.pt and last.pt saved together) count once."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory")
+    by_step: dict[int, Path] = {}
+    for path in sorted(directory.glob("*.pt")):
+        step = load_checkpoint(path).get("step")
+        if not isinstance(step, int):
+            raise CheckpointError(f"{path}: checkpoint stores no training step")
+        by_step.setdefault(step, path)
+    if len(by_step) < n:
+        raise CheckpointError(
+            f"{directory}: {n} checkpoints of distinct steps asked for, {len(by_step)} found"
+        )
+    return [by_step[s] for s in sorted(by_step)[-n:]]
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+    """θ_avg = (1/N) Σ_i θ_i over the float parameters of N checkpoints of one model
+    (fairseq's average_checkpoints); the result is an ordinary checkpoint payload without
+    training state. Models and vocabularies must match, or it is a CheckpointError."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    sums = {k: v.double() if v.is_floating_point() else v.clone()
+            for k, v in first["model"].items()}
+    steps = [first.get("step")]
+    for path in paths[1:]:
+        payload = load_checkpoint(path)
+        for key in ("model_config", "src_vocab", "tgt_vocab"):
+            if payload[key] != first[key]:
+                raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; "
+                                      "only checkpoints of one model can be averaged")
+        if payload["model"].keys() != sums.keys():
+            raise CheckpointError(f"{path}: its parameters differ from {paths[0]}'s")
+        for k, v in payload["model"].items():
+            if v.shape != sums[k].shape:
+                raise CheckpointError(f"{path}: parameter {k} has shape {tuple(v.shape)}, "
+                                      f"not {tuple(sums[k].shape)}")
+            if v.is_floating_point():
+                sums[k] += v.double()
+        steps.append(payload.get("step"))
+    model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
+             for k, v in sums.items()}
+    return {
+        "model_config": first["model_config"],
+        "model": model,
+        "src_vocab": first["src_vocab"],
+        "tgt_vocab": first["tgt_vocab"],
+        "step": max((s for s in steps if isinstance(s, int)), default=None),
+        "averaged_from": [str(p) for p in paths],
+    }

@@ -1,23 +1,33 @@
-"""From a checkpoint and lines of text to lines of translations, in input order.
+"""From checkpoints and lines of text to translations, in input order.
 
-    lines ──Vocabulary.encode──▶ ids ──sorted by length, batched──▶ search ──▶ ids
-          ──Vocabulary.decode──▶ lines (original order restored)
+    lines ──Vocabulary.encode──▶ ids ──sorted by length, batched──▶ search ──▶ hypotheses
+          ──Vocabulary.decode──▶ Translations (original order restored) ──format──▶ lines
+
+Input is consumed `buffer_size` lines at a time, so a long stream never sits in memory
+and output starts before the input ends. A language-model checkpoint (arch "lm")
+continues each line instead of translating it (`--sample` or `--beam 1`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from torch import Tensor, nn
 
+from rnmt.alignment import WORD_START, hard_alignment, pharaoh
 from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
-from rnmt.errors import CheckpointError
-from rnmt.models import ModelConfig, Seq2Seq, build_model
-from rnmt.search import Hypothesis, SearchConfig, search
+from rnmt.errors import CheckpointError, DataError, VocabularyMismatch
+from rnmt.models import ModelConfig, build_model
+from rnmt.search import Hypothesis, SearchConfig, search_nbest
 from rnmt.vocab import EOS, Vocabulary
+
+OUTPUT_FORMATS = ("text", "json")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,9 +39,10 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class LoadedModel:
-    model: Seq2Seq
+    model: nn.Module
     src_vocab: Vocabulary
     tgt_vocab: Vocabulary
+    is_language_model: bool = False
 
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
@@ -49,11 +60,118 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     if len(src_vocab) != config.src_vocab_size or len(tgt_vocab) != config.tgt_vocab_size:
         raise CheckpointError(f"{path}: vocabulary sizes do not match the model")
     model.to(device).eval()
-    return LoadedModel(model, src_vocab, tgt_vocab)
+    return LoadedModel(model, src_vocab, tgt_vocab, config.arch == "lm")
+
+
+def load_models(paths: Sequence[str | Path], device: torch.device) -> LoadedModel:
+    """One checkpoint, or several as an ensemble; members must share both vocabularies."""
+    from rnmt.models.ensemble import Ensemble
+
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    loaded = [load_model(p, device) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0]
+    for path, other in zip(paths[1:], loaded[1:]):
+        for side in ("src_vocab", "tgt_vocab"):
+            if getattr(other, side) != getattr(first, side):
+                raise VocabularyMismatch(
+                    f"{path}: its {side[:3]} vocabulary differs from {paths[0]}'s; "
+                    "ensemble members must share vocabularies"
+                )
+        if other.is_language_model != first.is_language_model:
+            raise VocabularyMismatch(f"{path}: cannot ensemble a language model with a "
+                                     "translation model")
+    return LoadedModel(Ensemble([m.model for m in loaded]), first.src_vocab, first.tgt_vocab,
+                       first.is_language_model)
+
+
+@dataclass
+class Translation:
+    """One output for one input line. `score` ranks outputs (raw / lp, see rnmt.search);
+    `attention` (len(pieces) + 1, len(source_pieces) + 1) counts `</s>` on both sides."""
+
+    text: str
+    score: float
+    raw_score: float
+    pieces: list[str]
+    source_pieces: list[str]
+    attention: Tensor | None = field(default=None, repr=False)
+
+    def alignment(self) -> list[tuple[int, int]]:
+        if self.attention is None:
+            return []
+        return hard_alignment(self.source_pieces, self.pieces, self.attention)
+
+    def to_json(self, index: int) -> dict:
+        return {
+            "index": index,
+            "translation": self.text,
+            "score": self.score,
+            "raw_score": self.raw_score,
+            "pieces": self.pieces,
+            "source_pieces": self.source_pieces,
+            "attention": None if self.attention is None
+            else [[round(x, 6) for x in row] for row in self.attention.tolist()],
+        }
+
+
+def format_translations(index: int, translations: list[Translation], fmt: str = "text",
+                        nbest: bool = False, alignment: bool = False) -> list[str]:
+    """The output lines of one input line.
+
+    text: the translation; with `nbest`, `index<TAB>score<TAB>text` per hypothesis;
+    `alignment` appends `<TAB>` and Pharaoh pairs. json: one object per hypothesis.
+    """
+    lines = []
+    for t in translations:
+        if fmt == "json":
+            obj = t.to_json(index)
+            if alignment:
+                obj["alignment"] = pharaoh(t.alignment())
+            lines.append(json.dumps(obj, ensure_ascii=False))
+            continue
+        line = f"{index}\t{t.score:.6f}\t{t.text}" if nbest else t.text
+        if alignment:
+            line += "\t" + pharaoh(t.alignment())
+        lines.append(line)
+    return lines
+
+
+class LineReader:
+    """Lines of a binary stream, decoded one at a time (never the whole stream at once).
+
+    `errors="strict"`: invalid UTF-8 is a DataError naming the line; `"replace"`
+    substitutes U+FFFD and counts the lines touched in `invalid_lines`.
+    """
+
+    def __init__(self, stream: BinaryIO, name: str, errors: str = "replace") -> None:
+        if errors not in ("strict", "replace"):
+            raise ValueError(f"unknown UTF-8 error policy {errors!r}")
+        self.stream, self.name, self.errors = stream, name, errors
+        self.invalid_lines = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for number, raw in enumerate(iter(self.stream.readline, b""), start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if self.errors == "strict":
+                    raise DataError(
+                        f"{self.name}: line {number}: invalid UTF-8 at byte {err.start} "
+                        "(use --errors replace to substitute U+FFFD)"
+                    ) from None
+                self.invalid_lines += 1
+                yield raw.decode("utf-8", errors="replace")
 
 
 class Translator:
-    """Translates lines with one model. Empty or whitespace-only lines give empty lines."""
+    """Translates lines with one model or an ensemble. Blank lines give empty lines (a
+    language model instead generates from scratch for them)."""
 
     def __init__(
         self,
@@ -66,42 +184,89 @@ class Translator:
         self.model = loaded.model
         self.src_vocab = loaded.src_vocab
         self.tgt_vocab = loaded.tgt_vocab
+        self.is_language_model = loaded.is_language_model
         self.config = config
         self.device = device
         self.batch_size = batch_size
-        self.buffer_size = buffer_size
+        self.buffer_size = max(1, buffer_size)
 
     @classmethod
-    def load(cls, path: str | Path, config: SearchConfig, device: str = "auto",
-             batch_size: int = 64) -> "Translator":
+    def load(cls, paths: str | Path | Sequence[str | Path], config: SearchConfig,
+             device: str = "auto", batch_size: int = 64, buffer_size: int = 2000
+             ) -> "Translator":
         dev = resolve_device(device)
-        return cls(load_model(path, dev), config, dev, batch_size)
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        return cls(load_models(list(paths), dev), config, dev, batch_size, buffer_size)
+
+    # --- lines in, lines out --------------------------------------------------------------
 
     def translate_lines(self, lines: Iterable[str]) -> Iterator[str]:
-        """Reads `buffer_size` lines at a time, so output starts before the input ends."""
+        """The best translation of every line, in input order."""
+        for chunk in self.translate_chunks(lines):
+            for translations in chunk:
+                yield translations[0].text
+
+    def translate_chunks(self, lines: Iterable[str]) -> Iterator[list[list[Translation]]]:
+        """Reads `buffer_size` lines at a time and yields their n-best lists, in order."""
         buffer: list[str] = []
         for line in lines:
             buffer.append(line.rstrip("\r\n"))
             if len(buffer) == self.buffer_size:
-                yield from self.translate_batch(buffer)
+                yield self.nbest(buffer)
                 buffer = []
         if buffer:
-            yield from self.translate_batch(buffer)
+            yield self.nbest(buffer)
 
     def translate_batch(self, lines: list[str]) -> list[str]:
-        hyps = self.hypotheses(lines)
-        return [self.tgt_vocab.decode(h.tokens) if h is not None else "" for h in hyps]
+        return [translations[0].text for translations in self.nbest(lines)]
+
+    # --- the core ---------------------------------------------------------------------------
+
+    def nbest(self, lines: list[str]) -> list[list[Translation]]:
+        """Up to `config.nbest` translations per line, best first, in input order."""
+        vocab = self.tgt_vocab if self.is_language_model else self.src_vocab
+        ids = vocab.encode(lines)
+        hyps = self._search(lines, ids)
+        out: list[list[Translation]] = []
+        for line, line_ids, line_hyps in zip(lines, ids, hyps):
+            source_pieces = vocab.to_pieces(line_ids.tolist())
+            if line_hyps is None:
+                out.append([Translation("", 0.0, 0.0, [], source_pieces, None)])
+                continue
+            out.append([self._translation(line, source_pieces, h) for h in line_hyps])
+        return out
 
     def hypotheses(self, lines: list[str]) -> list[Hypothesis | None]:
         """The best hypothesis per line (None for a blank line), in input order."""
-        results: list[Hypothesis | None] = [None] * len(lines)
-        ids = self.src_vocab.encode(lines)
-        todo = [i for i, line in enumerate(lines) if line.strip() and len(ids[i])]
+        vocab = self.tgt_vocab if self.is_language_model else self.src_vocab
+        return [h[0] if h else None for h in self._search(lines, vocab.encode(lines))]
+
+    def _search(self, lines: list[str], ids: list) -> list[list[Hypothesis] | None]:
+        results: list[list[Hypothesis] | None] = [None] * len(lines)
+        if self.is_language_model:
+            todo = list(range(len(lines)))  # a blank line: generate from scratch
+        else:
+            todo = [i for i, line in enumerate(lines) if line.strip() and len(ids[i])]
         todo.sort(key=lambda i: len(ids[i]))  # similar lengths share a batch: little padding
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             src, lengths = pad_sentences([ids[i] for i in chunk], suffix=EOS)
-            for i, hyp in zip(chunk, search(self.model, src.to(self.device), lengths,
-                                            self.config)):
-                results[i] = hyp
+            prefix = prefix_lengths = None
+            if self.is_language_model:
+                prefix, prefix_lengths = pad_sentences([ids[i] for i in chunk])
+            found = search_nbest(self.model, src.to(self.device), lengths, self.config,
+                                 prefix, prefix_lengths)
+            for i, hyps in zip(chunk, found):
+                results[i] = hyps
         return results
+
+    def _translation(self, line: str, source_pieces: list[str], hyp: Hypothesis) -> Translation:
+        pieces = self.tgt_vocab.to_pieces(hyp.tokens)
+        text = self.tgt_vocab.decode(hyp.tokens)
+        if self.is_language_model:
+            # The input text, untouched, then the continuation (spm drops a leading space).
+            space = " " if line and pieces and pieces[0].startswith(WORD_START) else ""
+            text = line + space + text
+        return Translation(text, hyp.normalized, hyp.score, pieces, source_pieces,
+                           hyp.attention)

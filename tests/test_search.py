@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from rnmt.models import ModelConfig, build_model
-from rnmt.search import SearchConfig, beam_search, greedy_search
-from rnmt.vocab import EOS
+import pytest
+
+from rnmt.errors import ConfigError
+from rnmt.models.ensemble import Ensemble
+from rnmt.models.language_model import LanguageModel
+from rnmt.search import (SearchConfig, beam_search, greedy_search, length_penalty,
+                         sample_search, search_nbest)
+from rnmt.vocab import EOS, UNK
 
 
 def _model(seed: int):
@@ -31,7 +37,7 @@ def _forced_score(model, src, lengths, tokens):
     tgt = torch.tensor([[2] + tokens])
     gold = torch.tensor(tokens + [EOS])
     log_probs = torch.log_softmax(model(src, lengths, tgt), -1)[0]
-    return float(log_probs[torch.arange(len(gold)), gold].sum())
+    return float(log_probs[torch.arange(len(gold)), gold].sum().detach())
 
 
 def test_beam_of_one_equals_greedy():
@@ -87,3 +93,185 @@ def test_output_length_respects_the_limit():
         for out in search(model, src, lengths, config):
             hyp = out[0] if isinstance(out, list) else out
             assert len(hyp.tokens) <= 2  # 3 positions, the last one </s>
+
+
+def _ngrams(tokens, n):
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def test_nbest_lists_are_sorted_and_score_what_forced_decoding_scores():
+    model = _model(9)
+    src, lengths = _batch(9, n=6)
+    config = SearchConfig(beam=4, nbest=4, length_penalty=1.0, min_len=2)
+    for i, hyps in enumerate(search_nbest(model, src, lengths, config)):
+        assert len(hyps) == 4
+        normalized = [h.normalized for h in hyps]
+        assert normalized == sorted(normalized, reverse=True)
+        for hyp in hyps:
+            forced = _forced_score(model, src[i : i + 1, : lengths[i]], lengths[i : i + 1],
+                                   hyp.tokens)
+            assert abs(forced - hyp.score) < 1e-4
+            assert abs(forced / length_penalty(len(hyp.tokens) + 1, 1.0) - hyp.normalized) < 1e-4
+
+
+def test_nbest_beyond_the_beam_is_refused():
+    with pytest.raises(ConfigError):
+        SearchConfig(beam=2, nbest=3)
+
+
+def test_min_len_holds_back_the_end_of_sentence():
+    model = _model(8)
+    src, lengths = _batch(8)
+    for beam in (2, 3):  # (this untrained model's greedy path never ends before the limit)
+        plain = search_nbest(model, src, lengths, SearchConfig(beam=beam, max_len_b=30))
+        assert min(len(h[0].tokens) for h in plain) == 0
+        min_len = min(len(h[0].tokens) for h in plain) + 3
+        held = search_nbest(model, src, lengths, SearchConfig(beam=beam, min_len=min_len,
+                                                              max_len_b=30))
+        assert all(len(h[0].tokens) >= min_len for h in held)
+
+
+def test_no_repeat_ngram_leaves_no_ngram_twice():
+    model = _model(8)
+    src, lengths = _batch(8)
+    plain = greedy_search(model, src, lengths, SearchConfig(beam=1))
+    assert any(len(set(_ngrams(h.tokens, 2))) < len(_ngrams(h.tokens, 2)) for h in plain)
+    for beam in (1, 3):
+        config = SearchConfig(beam=beam, no_repeat_ngram=2, min_len=6)
+        for hyps in search_nbest(model, src, lengths, config):
+            grams = _ngrams(hyps[0].tokens, 2)
+            assert len(set(grams)) == len(grams)
+
+
+def test_unk_penalty_moves_unk_in_and_out_of_the_output():
+    model = _model(8)
+    src, lengths = _batch(8)
+    for beam in (1, 3):
+        bonus = search_nbest(model, src, lengths, SearchConfig(beam=beam, unk_penalty=-5.0))
+        assert any(UNK in h[0].tokens for h in bonus)
+        penalty = search_nbest(model, src, lengths, SearchConfig(beam=beam, unk_penalty=50.0,
+                                                                 min_len=3))
+        assert not any(UNK in h[0].tokens for h in penalty)
+
+
+def test_unnormalised_beam_search_stops_only_when_no_live_beam_can_win():
+    """α = 0: a longer search (bigger length limit) can never find a better best."""
+    model = _model(10)
+    src, lengths = _batch(10)
+    short = beam_search(model, src, lengths, SearchConfig(beam=3, length_penalty=0.0,
+                                                          max_len_b=4))
+    long = beam_search(model, src, lengths, SearchConfig(beam=3, length_penalty=0.0,
+                                                         max_len_b=30))
+    for s, lo in zip(short, long):
+        assert lo[0].score >= s[0].score - 1e-5
+
+
+def test_sampling_with_top_k_1_is_greedy_and_a_seed_repeats_the_draws():
+    model = _model(11)
+    src, lengths = _batch(11)
+    greedy = greedy_search(model, src, lengths, SearchConfig(beam=1))
+    top1 = sample_search(model, src, lengths, SearchConfig(sample=True, top_k=1, seed=0))
+    assert [h.tokens for h in top1] == [h.tokens for h in greedy]
+    nucleus = sample_search(model, src, lengths, SearchConfig(sample=True, top_p=1e-6, seed=0))
+    assert [h.tokens for h in nucleus] == [h.tokens for h in greedy]
+    config = SearchConfig(sample=True, seed=7, temperature=1.5, min_len=3)
+    a = sample_search(model, src, lengths, config)
+    b = sample_search(model, src, lengths, config)
+    c = sample_search(model, src, lengths, SearchConfig(sample=True, seed=8, temperature=1.5,
+                                                        min_len=3))
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    assert [h.tokens for h in a] != [h.tokens for h in c]
+
+
+def test_samples_score_what_forced_decoding_scores():
+    model = _model(12)
+    src, lengths = _batch(12, n=5)
+    hyps = sample_search(model, src, lengths, SearchConfig(sample=True, seed=1, top_k=5))
+    for i, hyp in enumerate(hyps):
+        forced = _forced_score(model, src[i : i + 1, : lengths[i]], lengths[i : i + 1],
+                               hyp.tokens)
+        assert abs(forced - hyp.score) < 1e-4
+
+
+def test_a_forced_prefix_of_the_greedy_output_leaves_the_rest_unchanged():
+    model = _model(13)
+    src, lengths = _batch(13, n=6)
+    config = SearchConfig(beam=1, min_len=5)
+    full = greedy_search(model, src, lengths, config)
+    cut = [min(2, len(h.tokens)) for h in full]
+    prefix = torch.zeros(len(full), 2, dtype=torch.long)
+    for i, h in enumerate(full):
+        prefix[i, : cut[i]] = torch.tensor(h.tokens[: cut[i]])
+    rest = greedy_search(model, src, lengths, config, prefix, torch.tensor(cut))
+    for h, c, r in zip(full, cut, rest):
+        # The limit counts from the end of the prefix, so the continuation may run longer.
+        assert r.tokens[: len(h.tokens) - c] == h.tokens[c:]
+
+
+def test_attention_is_carried_per_hypothesis_only_when_asked():
+    model = _model(14)
+    src, lengths = _batch(14, n=6)
+    plain = beam_search(model, src, lengths, SearchConfig(beam=3))
+    assert all(h.attention is None for hyps in plain for h in hyps)
+    for search in (greedy_search, beam_search):
+        found = search(model, src, lengths, SearchConfig(beam=3, attention=True))
+        for i, out in enumerate(found):
+            hyp = out[0] if isinstance(out, list) else out
+            assert hyp.attention.shape == (len(hyp.tokens) + 1, int(lengths[i]))
+            torch.testing.assert_close(hyp.attention.sum(-1),
+                                       torch.ones(len(hyp.tokens) + 1))
+    greedy = greedy_search(model, src, lengths, SearchConfig(beam=1, attention=True))
+    beam1 = beam_search(model, src, lengths, SearchConfig(beam=1, attention=True))
+    for g, b in zip(greedy, beam1):
+        torch.testing.assert_close(g.attention, b[0].attention)
+
+
+def test_an_ensemble_of_one_model_searches_like_the_model():
+    model = _model(15)
+    src, lengths = _batch(15)
+    config = SearchConfig(beam=3, nbest=2)
+    alone = search_nbest(model, src, lengths, config)
+    ensemble = search_nbest(Ensemble([model]), src, lengths, config)
+    assert [[h.tokens for h in s] for s in alone] == [[h.tokens for h in s] for s in ensemble]
+
+
+def test_an_ensemble_averages_its_members_log_probabilities():
+    a, b = _model(16), _model(17)
+    ensemble = Ensemble([a, b])
+    src, lengths = _batch(16, n=4)
+    hyps = beam_search(ensemble, src, lengths, SearchConfig(beam=3))
+    for i, sentence in enumerate(hyps):
+        tokens = sentence[0].tokens
+        s, n = src[i : i + 1, : lengths[i]], lengths[i : i + 1]
+        tgt = torch.tensor([[2] + tokens])
+        gold = torch.tensor(tokens + [EOS])
+        mean = (torch.log_softmax(a(s, n, tgt), -1) + torch.log_softmax(b(s, n, tgt), -1)) / 2
+        expected = torch.log_softmax(mean, -1)[0, torch.arange(len(gold)), gold].sum()
+        assert abs(float(expected) - sentence[0].score) < 1e-4
+        assert abs(_forced_score(ensemble, s, n, tokens) - sentence[0].score) < 1e-4
+
+
+def _language_model(seed: int) -> LanguageModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(src_vocab_size=30, tgt_vocab_size=30, arch="lm", emb_dim=16,
+                         dec_hidden_dim=24, dropout=0.0)
+    return build_model(config).eval()
+
+
+def test_a_language_model_continues_its_prefix_with_the_scores_of_forced_decoding():
+    lm = _language_model(18)
+    prefixes = [[5, 6, 7], [], [9]]
+    lengths = torch.tensor([len(p) for p in prefixes])
+    prefix = torch.zeros(3, 3, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        prefix[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    src = torch.full((3, 1), EOS)  # read for its batch size only
+    config = SearchConfig(sample=True, seed=3, min_len=2, max_len_b=8)
+    hyps = sample_search(lm, src, torch.ones(3, dtype=torch.long), config, prefix, lengths)
+    for p, hyp in zip(prefixes, hyps):
+        tgt = torch.tensor([[2] + p + hyp.tokens])
+        log_probs = torch.log_softmax(lm(src[:1], torch.ones(1), tgt), -1)[0]
+        gold = torch.tensor(p + hyp.tokens + [EOS])
+        per_piece = log_probs[torch.arange(len(gold)), gold]
+        assert abs(float(per_piece[len(p):].sum()) - hyp.score) < 1e-4
+        assert 2 <= len(hyp.tokens) <= 8

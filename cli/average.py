@@ -1,0 +1,28 @@
+"""`rnmt average`: average the parameters of several checkpoints into one file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def average(
+    checkpoints: Annotated[Optional[list[Path]], typer.Argument(help="Checkpoints to average (or use --last with --save-dir).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the averaged checkpoint.")] = Path("average.pt"),
+    last: Annotated[int, typer.Option(help="Average the N checkpoints of --save-dir with the highest training steps.")] = 0,
+    save_dir: Annotated[Optional[Path], typer.Option(help="Run directory that --last picks checkpoints from.")] = None,
+) -> None:
+    """Average checkpoints' parameters (fairseq's average_checkpoints)."""
+    from rnmt.checkpoint import average_checkpoints, latest_checkpoints, save_checkpoint
+
+    paths = list(checkpoints or [])
+    if last:
+        if save_dir is None:
+            raise typer.BadParameter("--last needs --save-dir", param_hint="--last")
+        paths += latest_checkpoints(save_dir, last)
+    if not paths:
+        raise typer.BadParameter("give checkpoints, or --last N --save-dir DIR")
+    save_checkpoint(average_checkpoints(paths), output)
+    print(f"averaged {len(paths)} checkpoints into {output}")
