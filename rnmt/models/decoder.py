@@ -128,12 +128,33 @@ class AttentionDecoder(nn.Module):
             context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
             o = self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1))))
             return o, attn
+        if self.bahdanau:
+            return self._bahdanau_forward(emb, state, enc)
         outputs, attns = [], []
         for t in range(tgt_in.size(1)):
             o, state, attn = self._step(emb[:, t], state, enc)
             outputs.append(o)
             attns.append(attn)
         return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)
+
+    def _bahdanau_forward(
+        self, emb: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, Tensor]:
+        """The recurrence steps token by token; the deep output o_t depends on nothing
+        later steps need, so it runs once over all steps after the loop (one large matrix
+        product instead of one small one per step)."""
+        assert enc.keys is not None
+        hidden = state.hidden
+        states, contexts, attns = [], [], []
+        for t in range(emb.size(1)):
+            context, attn = self.attention(_top(hidden), enc.keys, enc.memory, enc.mask)
+            s, hidden = self.rnn.step(torch.cat([emb[:, t], context], dim=-1), hidden)
+            states.append(s)
+            contexts.append(context)
+            attns.append(attn)
+        s_all, c_all = torch.stack(states, dim=1), torch.stack(contexts, dim=1)
+        o = torch.tanh(self.output(torch.cat([s_all, c_all, emb], dim=-1)))
+        return self.dropout(o), torch.stack(attns, dim=1)
 
 
 class PlainDecoder(nn.Module):

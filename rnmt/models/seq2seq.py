@@ -134,10 +134,18 @@ class Seq2Seq(nn.Module):
     def reorder_encoder(self, enc: EncoderOut, index: Tensor) -> EncoderOut:
         return enc.index_select(index)
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher-forced logits (batch, tgt_len, vocab)."""
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
+                positions: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (batch, tgt_len, vocab); with a boolean `positions` mask
+        (batch, tgt_len), only those positions' logits (n_selected, vocab).
+
+        The softmax layer is the largest matrix product of training: selecting the real
+        (non-pad) positions first spares it the padding.
+        """
         enc = self.encode(src, src_lengths)
         o, _ = self.decoder(tgt_in, self.init_state(enc), enc)
+        if positions is not None:
+            o = o[positions]
         return self.generator(self.projection(o))
 
     def _initial_feed(self, enc: EncoderOut) -> Tensor | None:
