@@ -36,21 +36,30 @@ class RichReporter:
     def progress(self, s: dict[str, Any]) -> None:
         self.console.print(
             f"epoch {s['epoch']:3d} | step {s['step']:6d} | loss {s['loss']:.3f} | "
-            f"ppl {s['ppl']:8.2f} | {s['tokens_per_s']:7.0f} tgt tok/s | "
+            f"ppl {s['ppl']:8.2f} | lr {s['lr']:.2e} | {s['tokens_per_s']:7.0f} tgt tok/s | "
             f"{_clock(s['elapsed'])}"
+            + (f" | {s['skipped_updates']} skipped" if s.get("skipped_updates") else "")
         )
 
     def validation(self, s: dict[str, Any]) -> None:
         best = " [green](best)[/green]" if s.get("best") else ""
+        scores = (f" BLEU {s['bleu']:.2f} chrF {s['chrf']:.2f}" if "bleu" in s else "")
         self.console.print(
             f"[bold]valid[/bold] epoch {s['epoch']} step {s['step']}: "
-            f"loss {s['valid_loss']:.3f} ppl {s['valid_ppl']:.2f}{best}"
+            f"loss {s['valid_loss']:.3f} ppl {s['valid_ppl']:.2f}{scores} "
+            f"lr {s['lr']:.3g}{best}"
         )
+        for sample in s.get("samples") or []:
+            self.console.print(f"  src: {sample['source']}", markup=False)
+            self.console.print(f"  ref: {sample['reference']}", markup=False)
+            self.console.print(f"  hyp: {sample['hypothesis']}", markup=False)
 
     def finish(self, s: dict[str, Any]) -> None:
         self.console.print(
             f"done: {s['reason']} after {s['step']} steps, {_clock(s['elapsed'])}; "
-            f"best valid ppl {s['best_valid_ppl']:.2f} → {s['best']}"
+            f"best valid ppl {s['best_valid_ppl']:.2f}"
+            + (f", BLEU {s['best_bleu']:.2f}" if s.get("best_bleu") is not None else "")
+            + f" → {s['best']}"
         )
 
 
@@ -60,9 +69,39 @@ def _clock(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}"
 
 
+MODEL_OPTIONS = (
+    "arch", "cell", "cell_impl", "attention", "emb_dim", "hidden_dim", "dec_hidden_dim",
+    "enc_layers", "dec_layers", "bidirectional", "attn_dim", "output_dim", "dropout",
+    "input_feeding", "reverse_source", "tie_embeddings", "share_embeddings",
+)
+
+
+def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
+             ) -> dict[str, Any]:
+    """Command line > --config file > defaults; the file's values converted to the
+    options' types (so `lr: 1e-3`, a string to PyYAML, is a float)."""
+    import typing
+
+    from rnmt.run_config import coerce, load_run_config, merge_options
+
+    if config_file is None:
+        return given
+    explicit = {name for name in given
+                if getattr(ctx.get_parameter_source(name), "name", "DEFAULT")
+                not in ("DEFAULT", "DEFAULT_MAP")}
+    from_file = load_run_config(config_file)
+    merged = merge_options(given, explicit, from_file, str(config_file))
+    hints = typing.get_type_hints(train)
+    for name in set(from_file) - explicit:
+        merged[name] = coerce(merged[name], hints[name], name, str(config_file))
+    return merged
+
+
 def train(
-    data: Annotated[Path, typer.Argument(help="Directory written by rnmt preprocess.")],
-    save_dir: Annotated[Path, typer.Option(help="Where checkpoints (best.pt, last.pt) go.")],
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Argument(help="Directory written by rnmt preprocess (or `data` in --config).", show_default=False)] = None,
+    save_dir: Annotated[Optional[Path], typer.Option(help="Where checkpoints (best.pt, last.pt, checkpoint_<step>.pt), config.json and metrics.jsonl go.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Options from a TOML, YAML (needs PyYAML) or JSON file, e.g. a run's config.json; options given on the command line win.", show_default=False)] = None,
     arch: Annotated[str, typer.Option(help="attention (Bahdanau/Luong), seq2seq (Sutskever, no attention) or lm (RNN language model).")] = "attention",
     cell: Annotated[str, typer.Option(help="Recurrent cell: lstm, gru or rnn.")] = "lstm",
     cell_impl: Annotated[str, typer.Option(help="fused (torch/cuDNN kernels) or reference (the readable cells of rnmt.nn.cells: same results, slower).")] = "fused",
@@ -83,43 +122,60 @@ def train(
     dropout: Annotated[float, typer.Option(help="Dropout on embeddings, between layers and on outputs.")] = 0.2,
     max_tokens: Annotated[int, typer.Option(help="Token budget of a batch (padded, per side).")] = 3000,
     max_sentences: Annotated[Optional[int], typer.Option(help="At most this many sentences per batch.")] = None,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    clip_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 5.0,
+    update_freq: Annotated[int, typer.Option(help="Accumulate the gradients of K batches per update: the update of one K-times larger batch.")] = 1,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw (decoupled weight decay) or sgd.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate (the peak rate after --warmup).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (L2 for adam/sgd, decoupled for adamw).")] = 0.0,
+    clip_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this; 0 = no clipping.")] = 5.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing ε (0.1 is usual); reported loss and ppl stay the real NLL.")] = 0.0,
+    lr_scheduler: Annotated[str, typer.Option(help="constant, plateau (× --lr-decay after --patience validations without improvement of --best-metric), inverse-sqrt or exponential (× --lr-decay every --lr-decay-steps).")] = "constant",
+    warmup: Annotated[int, typer.Option(help="Raise the rate linearly from 0 to --lr over this many updates.")] = 0,
+    lr_decay: Annotated[float, typer.Option(help="Factor of plateau and exponential decay (0.5 halves).")] = 0.5,
+    lr_decay_steps: Annotated[int, typer.Option(help="Exponential schedule: updates per --lr-decay factor.")] = 10000,
+    patience: Annotated[int, typer.Option(help="Plateau schedule: validations without improvement before the rate is cut.")] = 5,
+    min_lr: Annotated[float, typer.Option(help="Stop once the learning rate falls below this; 0 = never.")] = 0.0,
     max_epochs: Annotated[int, typer.Option(help="Stop after this many epochs.")] = 30,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many updates.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many updates (may be raised on --resume).")] = None,
     max_time: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
-    valid_every: Annotated[Optional[int], typer.Option(help="Also validate every N updates.")] = None,
-    log_every: Annotated[int, typer.Option(help="Print progress every N updates.")] = 20,
+    valid_every: Annotated[Optional[int], typer.Option(help="Also validate (and save last.pt) every N updates; validation always runs after each epoch.")] = None,
+    valid_bleu: Annotated[bool, typer.Option("--valid-bleu", help="Also decode the validation set and report BLEU/chrF (sacrebleu, detokenised) with sample translations. On by itself when --best-metric or --early-stop-metric is bleu; off otherwise, as decoding costs time.")] = False,
+    valid_beam: Annotated[int, typer.Option(help="Beam size of validation decoding; 1 = greedy.")] = 1,
+    valid_samples: Annotated[int, typer.Option(help="Sample translations printed per BLEU validation.")] = 3,
+    best_metric: Annotated[str, typer.Option(help="Metric that picks best.pt and steers the plateau schedule: ppl or bleu.")] = "ppl",
+    early_stop_metric: Annotated[Optional[str], typer.Option(help="Metric of early stopping: ppl or bleu (default: --best-metric).", show_default=False)] = None,
+    early_stop_patience: Annotated[Optional[int], typer.Option(help="Stop after this many validations without improvement of --early-stop-metric (default: never).", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Save last.pt (and a step checkpoint with --keep-last) every N updates.")] = None,
+    keep_last: Annotated[int, typer.Option(help="Keep the N newest step checkpoints checkpoint_<step>.pt (written at validations and --save-every); 0 = none.")] = 0,
+    max_bad_updates: Annotated[int, typer.Option(help="Stop (exit 2, last good state saved) after this many updates in a row with a nan/inf loss or gradient; each is skipped.")] = 5,
+    log_every: Annotated[int, typer.Option(help="Print progress (and a metrics.jsonl line) every N updates.")] = 20,
+    plot: Annotated[bool, typer.Option(help="Draw SAVE_DIR/training.png at the end (when matplotlib is installed).")] = True,
     seed: Annotated[int, typer.Option(help="Random seed (initialisation, dropout, batch order).")] = 1,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from SAVE_DIR/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue exactly from SAVE_DIR/last.pt (model, optimizer, schedule, RNG, batch position).")] = False,
 ) -> None:
     """Train an encoder-decoder or a language model on a preprocessed corpus."""
+    values = dict(locals())
+    given = {p.name: values[p.name] for p in ctx.command.params if p.name != "config"}
+    from rnmt.errors import ConfigError
     from rnmt.training import TrainConfig, Trainer, TrainingInterrupted
 
-    if layers is not None:
-        enc_layers = dec_layers = layers
-    model_config = dict(
-        arch=arch, cell=cell, cell_impl=cell_impl, attention=attention, emb_dim=emb_dim,
-        hidden_dim=hidden_dim, dec_hidden_dim=dec_hidden_dim, enc_layers=enc_layers,
-        dec_layers=dec_layers, bidirectional=bidirectional, attn_dim=attn_dim,
-        output_dim=output_dim, dropout=dropout, input_feeding=input_feeding,
-        reverse_source=reverse_source, tie_embeddings=tie_embeddings,
-        share_embeddings=share_embeddings,
-    )
-    config = TrainConfig(
-        save_dir=save_dir, max_tokens=max_tokens, max_sentences=max_sentences, lr=lr,
-        clip_norm=clip_norm, max_epochs=max_epochs, max_steps=max_steps, max_time=max_time,
-        valid_every=valid_every, log_every=log_every, seed=seed, device=device,
-        threads=threads or None, resume=resume,
-    )
+    o = _resolve(ctx, given, config)
+    if o["data"] is None or o["save_dir"] is None:
+        raise ConfigError("DATA and --save-dir are required (on the command line or in --config)")
+    if o["layers"] is not None:
+        o["enc_layers"] = o["dec_layers"] = o["layers"]
+    model_config = {name: o[name] for name in MODEL_OPTIONS}
+    train_fields = set(TrainConfig.__dataclass_fields__)
+    train_config = TrainConfig(**{k: v for k, v in o.items() if k in train_fields})
+    if not train_config.threads:
+        train_config.threads = None
     reporter = RichReporter()
     try:
-        Trainer(data, model_config, config, reporter).train()
+        Trainer(o["data"], model_config, train_config, reporter).train()
     except TrainingInterrupted as stop:
         reporter.console.print(
             f"rnmt: interrupted at step {stop.step}; saved {stop.checkpoint}. "
-            f"Continue with: rnmt train {data} --save-dir {save_dir} --resume"
+            f"Continue with: rnmt train {o['data']} --save-dir {o['save_dir']} --resume"
         )
         sys.exit(130)

@@ -1,57 +1,130 @@
-"""The training loop: teacher-forced cross-entropy, Adam, clipping, validation, checkpoints.
+"""The training loop: teacher-forced cross-entropy, schedules, validation, exact resume.
 
     loss = − Σ_t log p(y_t | y_<t, x) / (number of real target pieces)   (padding ignored)
 
+(label-smoothed with `label_smoothing` ε > 0, see `rnmt.optim`). One update sums the loss
+of `update_freq` K batches and divides by their *total* target pieces, so it is the update
+of one K-times larger batch (gradient accumulation).
+
 Batches come from `TokenBatchSampler` (token budget, length buckets, shuffled by seed).
-Validation perplexity exp(loss) runs after every epoch and every `valid_every` updates;
-`best.pt` keeps the best validation loss, `last.pt` the latest state, from which `--resume`
-continues. SIGINT/SIGTERM finish the current update, save `last.pt` and stop.
+Validation runs after every epoch and every `valid_every` updates: loss and perplexity,
+and BLEU/chrF of greedy or beam decoding when asked for (`valid_bleu`, or BLEU as the
+best/early-stopping metric). `best.pt` keeps the best model by `best_metric`, `last.pt`
+the whole run state (optimizer, schedule, RNG, sampler position), from which `--resume`
+continues bit for bit: validation runs under a forked RNG, so it never shifts the random
+stream of dropout. SIGINT/SIGTERM finish the current update, save `last.pt` and stop.
+An update whose loss or gradient is not finite is skipped; `max_bad_updates` of them in a
+row stop the run (`TrainingDiverged`) with the last good parameters in `last.pt`.
+
+Every log interval and validation becomes a JSON line in `save_dir/metrics.jsonl` (and a
+TensorBoard event when tensorboard is installed); `save_dir/config.json` holds the resolved
+configuration, which `rnmt train --config` reads back.
 
 A language model (`arch="lm"`) trains the same way: its batches' `tgt_in = <s> y` and
 `tgt_out = y </s>` come from the one side of a monolingual corpus (`preprocess --mono`) or
 the target side of a parallel one; it ignores `src`. Its checkpoint holds the language's
-vocabulary as both `src_vocab` and `tgt_vocab`.
+vocabulary as both `src_vocab` and `tgt_vocab`; its validation is perplexity only.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
-from rnmt.data import ParallelData, TokenBatchSampler, collate
-from rnmt.errors import CheckpointError, ConfigError
+from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
+from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
+from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
 from rnmt.preprocess import load_data, load_vocabularies
+from rnmt.search import SearchConfig, search
 from rnmt.translator import resolve_device
-from rnmt.vocab import PAD, Vocabulary
+from rnmt.vocab import EOS, PAD, Vocabulary
+
+METRICS = ("ppl", "bleu")
 
 
 @dataclass
 class TrainConfig:
-    """How to train (the model's own shape lives in `ModelConfig`)."""
+    """How to train (the model's own shape lives in `ModelConfig`). Field names are the
+    `rnmt train` option names, so a saved config reads back as a config file."""
 
     save_dir: Path
     max_tokens: int = 3000
     max_sentences: int | None = None
+    update_freq: int = 1
+    optimizer: str = "adam"
     lr: float = 1e-3
+    weight_decay: float = 0.0
     clip_norm: float = 5.0
+    label_smoothing: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup: int = 0
+    lr_decay: float = 0.5
+    lr_decay_steps: int = 10000
+    patience: int = 5
+    min_lr: float = 0.0
     max_epochs: int = 30
     max_steps: int | None = None
     max_time: float | None = None  # minutes
     valid_every: int | None = None
+    valid_bleu: bool = False
+    valid_beam: int = 1
+    valid_samples: int = 3
+    best_metric: str = "ppl"
+    early_stop_metric: str | None = None  # None: the best metric
+    early_stop_patience: int | None = None  # None: no early stopping
+    save_every: int | None = None
+    keep_last: int = 0
+    max_bad_updates: int = 5
     log_every: int = 20
+    plot: bool = True
     seed: int = 1
     device: str = "auto"
     threads: int | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.save_dir = Path(self.save_dir)
+        for name in ("best_metric", "early_stop_metric"):
+            value = getattr(self, name)
+            if value is not None and value not in METRICS:
+                raise ConfigError(f"unknown --{name.replace('_', '-')} {value!r}; "
+                                  f"choose from {', '.join(METRICS)}")
+        if self.update_freq < 1 or self.max_tokens < 1 or self.log_every < 1:
+            raise ConfigError("--update-freq, --max-tokens and --log-every must be at least 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        if self.valid_beam < 1 or self.max_bad_updates < 1:
+            raise ConfigError("--valid-beam and --max-bad-updates must be at least 1")
+        if self.keep_last < 0 or self.valid_samples < 0:
+            raise ConfigError("--keep-last and --valid-samples must not be negative")
+        for name in ("valid_every", "save_every", "early_stop_patience", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def stop_metric(self) -> str:
+        return self.early_stop_metric or self.best_metric
+
+    @property
+    def needs_bleu(self) -> bool:
+        """Decode the validation set only when BLEU is asked for or steers the run."""
+        return self.valid_bleu or "bleu" in (self.best_metric, self.stop_metric)
+
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(self.lr_scheduler, self.lr, self.warmup, self.lr_decay,
+                              self.lr_decay_steps, self.patience, self.min_lr)
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -64,6 +137,10 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at step {step}; saved {checkpoint}")
         self.checkpoint = checkpoint
         self.step = step
+
+
+class TrainingDiverged(RnmtError):
+    """`max_bad_updates` updates in a row had a non-finite loss or gradient."""
 
 
 class Reporter(Protocol):
@@ -87,17 +164,18 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     best_valid_loss: float = math.inf
+    best_bleu: float = -math.inf
+    stale_validations: int = 0  # validations without improvement of the early-stop metric
+    bad_updates: int = 0  # non-finite updates in a row
+    skipped_updates: int = 0  # non-finite updates in all
     elapsed: float = 0.0  # seconds of training before this process (resume)
     history: list[dict] = field(default_factory=list)
 
 
-def token_loss(model: Model, batch) -> tuple[torch.Tensor, int]:
+def token_loss(model: Model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over real target pieces, and their number."""
     logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1),
-        ignore_index=PAD, reduction="sum",
-    )
+    loss, _ = smoothed_token_loss(logits, batch.tgt_out, 0.0, PAD)
     return loss, int((batch.tgt_out != PAD).sum())
 
 
@@ -117,10 +195,84 @@ def evaluate_loss(model: Model, data: ParallelData, max_tokens: int,
     return total / max(tokens, 1)
 
 
+@torch.no_grad()
+def translate_split(model: Model, data: ParallelData, tgt_vocab: Vocabulary,
+                    config: SearchConfig, device: torch.device, batch_size: int = 64
+                    ) -> list[str]:
+    """Detokenised best translation of every source sentence of a binarised split, in
+    split order (sentences of similar length share a batch)."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort(data.src.lengths, kind="stable")
+    out = [""] * len(data)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        src, lengths = pad_sentences([data.src[int(i)] for i in chunk], suffix=EOS)
+        for i, hyp in zip(chunk, search(model, src.to(device), lengths, config)):
+            out[int(i)] = tgt_vocab.decode(hyp.tokens)
+    model.train(was_training)
+    return out
+
+
+class MetricsLog:
+    """JSON lines in `save_dir/metrics.jsonl`; TensorBoard events too when installed."""
+
+    def __init__(self, save_dir: Path) -> None:
+        self.path = save_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.tensorboard = SummaryWriter(str(save_dir / "tensorboard"))
+
+    def write(self, kind: str, stats: dict[str, Any]) -> None:
+        record = {"kind": kind, **{k: v for k, v in stats.items()
+                                   if isinstance(v, (int, float, str, bool))}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(f"{kind}/{key}", value, stats["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def plot_curves(metrics_path: Path, out: Path) -> bool:
+    """Training and validation loss against updates, as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text("utf-8").splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    valid = [(r["step"], r["valid_loss"]) for r in records if r["kind"] == "valid"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (valid, "valid")):
+        if points:
+            ax.plot(*zip(*points), marker="." if label == "valid" else None, label=label)
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss (NLL per target piece)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
 class Trainer:
     def __init__(self, data_dir: Path, model_config: dict[str, Any], config: TrainConfig,
                  reporter: Reporter | None = None) -> None:
         self.config = config
+        self.data_dir = Path(data_dir)
         self.reporter = reporter or SilentReporter()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -138,15 +290,23 @@ class Trainer:
         self._check_data_fits(data_dir, options)
         if options.get("arch") == "lm":
             self.src_vocab = self.tgt_vocab  # one language: the LM's (only) vocabulary
+            if config.needs_bleu:
+                raise ConfigError("a language model is validated by perplexity only: "
+                                  "--valid-bleu and the metric bleu need a translation model")
         if resumed is not None:
             self.model_config = ModelConfig.from_dict(resumed["model_config"])
+            saved = resumed.get("train_config", {})
+            self.model_options = {k: saved.get(k, v) for k, v in model_config.items()}
         else:
             self.model_config = ModelConfig(
                 src_vocab_size=len(self.src_vocab), tgt_vocab_size=len(self.tgt_vocab),
                 **model_config,
             )
+            self.model_options = dict(model_config)
         self.model = build_model(self.model_config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr,
+                                         config.weight_decay)
+        self.schedule = LRSchedule(config.schedule(), self.optimizer)
         self.sampler = TokenBatchSampler(
             self.train_data.src.lengths, self.train_data.tgt.lengths, config.max_tokens,
             config.max_sentences, seed=config.seed,
@@ -154,6 +314,7 @@ class Trainer:
         if resumed is not None:
             self._restore(resumed)
         self._stop_signal: int | None = None
+        self.metrics: MetricsLog | None = None
 
     def _check_data_fits(self, data_dir: Path, options: dict[str, Any]) -> None:
         """Model options that the data cannot serve are a ConfigError, before any training."""
@@ -167,7 +328,17 @@ class Trainer:
                 "preprocessed without --joined-dictionary"
             )
 
+    def resolved_config(self) -> dict[str, Any]:
+        """Every option of this run, flat, under its `rnmt train` name."""
+        return {"data": str(self.data_dir), **self.model_options, **self.config.to_dict()}
+
     # --- checkpoints --------------------------------------------------------------------
+
+    def _rng_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def _payload(self, with_training: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -175,14 +346,15 @@ class Trainer:
             "model": self.model.state_dict(),
             "src_vocab": self.src_vocab.state_dict(),
             "tgt_vocab": self.tgt_vocab.state_dict(),
-            "train_config": self.config.to_dict(),
+            "train_config": self.resolved_config(),
             "step": self.state.step,
         }
         if with_training:
             payload["training"] = {
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": self._rng_state(),
                 "state": asdict(self.state),
             }
         return payload
@@ -201,12 +373,134 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         training = payload["training"]
         self.optimizer.load_state_dict(training["optimizer"])
+        if "scheduler" in training:
+            self.schedule.load_state_dict(training["scheduler"])
         self.sampler.load_state_dict(training["sampler"])
-        torch.set_rng_state(training["rng"])
+        rng = training["rng"]
+        if isinstance(rng, torch.Tensor):  # checkpoints before the RNG dict
+            rng = {"torch": rng}
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.state = TrainState(**training["state"])
 
     def save(self) -> None:
         save_checkpoint(self._payload(with_training=True), self.last_path)
+
+    def _save_step_checkpoint(self) -> None:
+        """`checkpoint_<step>.pt` (resumable), keeping the `keep_last` newest."""
+        keep = self.config.keep_last
+        if keep <= 0:
+            return
+        save_checkpoint(self._payload(with_training=True),
+                        self.config.save_dir / f"checkpoint_{self.state.step}.pt")
+        pattern = re.compile(r"checkpoint_(\d+)\.pt$")
+        found = sorted((int(m.group(1)), p) for p in self.config.save_dir.iterdir()
+                       if (m := pattern.match(p.name)))
+        for _, old in found[:-keep]:
+            old.unlink(missing_ok=True)
+
+    # --- one update -----------------------------------------------------------------------
+
+    def train_step(self, batches: list[Batch]) -> dict[str, Any]:
+        """One update from the summed loss of `batches`, divided by their total target
+        pieces: the update of one batch holding them all. A non-finite loss or gradient
+        norm skips the update (parameters and optimizer state untouched).
+
+        Returns nll (summed over pieces, a float), tokens, updated, grad_norm.
+        """
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total_tokens = sum(b.num_tgt_tokens for b in batches)
+        scale = 1.0 / max(total_tokens, 1)
+        nll_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
+            loss, nll = smoothed_token_loss(logits, batch.tgt_out, c.label_smoothing, PAD)
+            (loss * scale).backward()
+            nll_sum += nll
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              c.clip_norm if c.clip_norm > 0 else math.inf)
+        nll_value, norm_value = float(nll_sum), float(norm)  # the one host sync per update
+        if not (math.isfinite(nll_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.bad_updates += 1
+            self.state.skipped_updates += 1
+            return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": norm_value}
+        self.schedule.before_update(self.state.step + 1)
+        self.optimizer.step()
+        self.state.step += 1
+        self.state.bad_updates = 0
+        return {"nll": nll_value, "tokens": total_tokens, "updated": True,
+                "grad_norm": norm_value}
+
+    def _update_groups(self):
+        """The rest of the current epoch as groups of `update_freq` batches (the last
+        group of an epoch may be smaller)."""
+        group: list[np.ndarray] = []
+        for indices in self.sampler:
+            group.append(indices)
+            if len(group) == self.config.update_freq:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    # --- validation -----------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any]:
+        c = self.config
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training RNG stream stays put
+            loss = evaluate_loss(self.model, self.valid_data, c.max_tokens, self.device)
+            stats: dict[str, Any] = {
+                "step": self.state.step, "epoch": self.state.epoch, "valid_loss": loss,
+                "valid_ppl": math.exp(min(loss, 50.0)), "lr": self.schedule.lr,
+            }
+            if c.needs_bleu:
+                stats.update(self._decode_valid())
+        improved = {"ppl": loss < self.state.best_valid_loss,
+                    "bleu": "bleu" in stats and stats["bleu"] > self.state.best_bleu}
+        if improved["ppl"]:
+            self.state.best_valid_loss = loss
+        if improved["bleu"]:
+            self.state.best_bleu = stats["bleu"]
+        if improved[c.best_metric]:
+            stats["best"] = True
+            save_checkpoint(self._payload(with_training=False), self.best_path)
+        self.state.stale_validations = (0 if improved[c.stop_metric]
+                                        else self.state.stale_validations + 1)
+        self.schedule.after_validation(
+            stats["bleu"] if c.best_metric == "bleu" else loss, c.best_metric == "bleu")
+        samples = stats.pop("samples", None)
+        self.state.history.append(dict(stats))
+        if self.metrics is not None:
+            self.metrics.write("valid", stats)
+        self.reporter.validation({**stats, "samples": samples} if samples else stats)
+        return stats
+
+    def _decode_valid(self) -> dict[str, Any]:
+        from rnmt.evaluation import MetricOptions, corpus_scores
+
+        search_config = SearchConfig(beam=self.config.valid_beam)
+        hyps = translate_split(self.model, self.valid_data, self.tgt_vocab, search_config,
+                               self.device)
+        refs = [self.tgt_vocab.decode(self.valid_data.tgt[i].tolist())
+                for i in range(len(self.valid_data))]
+        scores = {r.key: r.score for r in corpus_scores(hyps, [refs], MetricOptions())}
+        samples = [{"source": self.src_vocab.decode(self.valid_data.src[i].tolist()),
+                    "reference": refs[i], "hypothesis": hyps[i]}
+                   for i in range(min(self.config.valid_samples, len(hyps)))]
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"], "samples": samples}
+
+    def _stop_after_validation(self) -> str | None:
+        c = self.config
+        if c.early_stop_patience and self.state.stale_validations >= c.early_stop_patience:
+            return (f"early stopping: valid {c.stop_metric} did not improve in "
+                    f"{c.early_stop_patience} validations")
+        if self.schedule.below_minimum:
+            return f"learning rate {self.schedule.lr:.3g} fell below --min-lr {c.min_lr:g}"
+        return None
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -221,23 +515,19 @@ class Trainer:
             return f"reached --max-time {c.max_time:g} min"
         if self.state.epoch >= c.max_epochs:
             return f"reached --max-epochs {c.max_epochs}"
+        if self.schedule.below_minimum:
+            return f"learning rate {self.schedule.lr:.3g} fell below --min-lr {c.min_lr:g}"
         return None
 
-    def validate(self) -> dict[str, Any]:
-        loss = evaluate_loss(self.model, self.valid_data, self.config.max_tokens, self.device)
-        stats = {"step": self.state.step, "epoch": self.state.epoch, "valid_loss": loss,
-                 "valid_ppl": math.exp(min(loss, 50.0))}
-        if loss < self.state.best_valid_loss:
-            self.state.best_valid_loss = loss
-            stats["best"] = True
-            save_checkpoint(self._payload(with_training=False), self.best_path)
-        self.state.history.append(stats)
-        self.reporter.validation(stats)
-        return stats
+    def _validated_now(self) -> bool:
+        return bool(self.state.history) and self.state.history[-1]["step"] == self.state.step
 
     def train(self) -> dict[str, Any]:
         c = self.config
         c.save_dir.mkdir(parents=True, exist_ok=True)
+        (c.save_dir / "config.json").write_text(
+            json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
+        self.metrics = MetricsLog(c.save_dir)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.reporter.start({
             "parameters": n_params, "device": str(self.device),
@@ -247,36 +537,45 @@ class Trainer:
         })
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         started = time.time()
-        window_tokens, window_loss, window_start = 0, 0.0, time.time()
+        window_tokens, window_nll, window_start = 0, 0.0, time.time()
         reason = self._limits_reached(started)
         try:
             self.model.train()
             while reason is None:
-                for indices in self.sampler:
-                    batch = collate(self.train_data, indices).to(self.device)
-                    loss, n_tokens = token_loss(self.model, batch)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    (loss / n_tokens).backward()
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
-                    self.optimizer.step()
-                    self.state.step += 1
-                    window_tokens += n_tokens
-                    window_loss += loss.item()
-                    if self.state.step % c.log_every == 0:
+                for group in self._update_groups():
+                    batches = [collate(self.train_data, ix).to(self.device) for ix in group]
+                    result = self.train_step(batches)
+                    if self.state.bad_updates >= c.max_bad_updates:
+                        self._diverged()
+                    if not result["updated"]:
+                        continue
+                    window_tokens += result["tokens"]
+                    window_nll += result["nll"]
+                    step = self.state.step
+                    if step % c.log_every == 0:
                         now = time.time()
-                        mean = window_loss / max(window_tokens, 1)
-                        self.reporter.progress({
-                            "step": self.state.step, "epoch": self.state.epoch + 1,
-                            "loss": mean, "ppl": math.exp(min(mean, 50.0)),
+                        mean = window_nll / max(window_tokens, 1)
+                        stats = {
+                            "step": step, "epoch": self.state.epoch + 1, "loss": mean,
+                            "ppl": math.exp(min(mean, 50.0)), "lr": self.schedule.lr,
                             "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                             "elapsed": self.state.elapsed + now - started,
-                        })
-                        window_tokens, window_loss, window_start = 0, 0.0, now
+                            "skipped_updates": self.state.skipped_updates,
+                        }
+                        self.metrics.write("train", stats)
+                        self.reporter.progress(stats)
+                        window_tokens, window_nll, window_start = 0, 0.0, now
                     if self._stop_signal is not None:
                         break
-                    if c.valid_every and self.state.step % c.valid_every == 0:
+                    if c.valid_every and step % c.valid_every == 0:
                         self.validate()
-                    reason = self._limits_reached(started)
+                        reason = self._stop_after_validation()
+                        self.save()
+                        self._save_step_checkpoint()
+                    elif c.save_every and step % c.save_every == 0:
+                        self.save()
+                        self._save_step_checkpoint()
+                    reason = reason or self._limits_reached(started)
                     if reason is not None:
                         break
                 if self._stop_signal is not None:
@@ -285,19 +584,39 @@ class Trainer:
                     raise TrainingInterrupted(self.last_path, self.state.step)
                 if self.sampler.position == 0:  # the epoch ran to its end
                     self.state.epoch = self.sampler.epoch
-                    self.validate()
+                    if not self._validated_now():
+                        self.validate()
+                        reason = reason or self._stop_after_validation()
+                        self.save()
+                        self._save_step_checkpoint()
                     reason = reason or self._limits_reached(started)
-            if not self.state.history or self.state.history[-1]["step"] != self.state.step:
+            if not self._validated_now():
                 self.validate()
             self.state.elapsed += time.time() - started
             self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.metrics.close()
+        plot = c.plot and plot_curves(self.metrics.path, c.save_dir / "training.png")
         summary = {"reason": reason, "step": self.state.step, "epoch": self.state.epoch,
                    "best_valid_loss": self.state.best_valid_loss,
                    "best_valid_ppl": math.exp(min(self.state.best_valid_loss, 50.0)),
+                   "best_bleu": (self.state.best_bleu if math.isfinite(self.state.best_bleu)
+                                 else None),
+                   "skipped_updates": self.state.skipped_updates,
                    "elapsed": self.state.elapsed, "best": str(self.best_path),
-                   "last": str(self.last_path)}
+                   "last": str(self.last_path),
+                   "plot": str(c.save_dir / "training.png") if plot else None}
         self.reporter.finish(summary)
         return summary
+
+    def _diverged(self) -> None:
+        """Stop: the parameters are still the last good ones (bad updates were skipped)."""
+        self.save()
+        raise TrainingDiverged(
+            f"{self.state.bad_updates} updates in a row had a non-finite loss or gradient "
+            f"(--max-bad-updates {self.config.max_bad_updates}); stopped at step "
+            f"{self.state.step} with the last good parameters in {self.last_path}. "
+            "Try a lower --lr or --clip-norm, then continue with --resume"
+        )

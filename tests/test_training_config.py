@@ -1,0 +1,67 @@
+"""`rnmt train --config FILE`: TOML/YAML/JSON options, the command line wins, errors are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_MODEL, run_rnmt
+from rnmt.errors import ConfigError
+from rnmt.run_config import load_run_config, merge_options
+
+
+def test_config_file_options_apply_and_the_command_line_wins(bin_dir, tmp_path):
+    sizes = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items())
+    (tmp_path / "run.toml").write_text(
+        f'data = "{bin_dir}"\nsave-dir = "{tmp_path / "run"}"\nlr = 0.002\n'
+        f'max_steps = 2\nmax-tokens = 400\ndevice = "cpu"\n[model]\n{sizes}\n'
+    )
+    result = run_rnmt("train", "--config", str(tmp_path / "run.toml"), "--lr", "0.004",
+                      "--no-plot")
+    assert result.returncode == 0, result.stderr.decode()
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert resolved["lr"] == 0.004 and resolved["max_steps"] == 2
+    assert resolved["max_tokens"] == 400 and resolved["emb_dim"] == TINY_MODEL["emb_dim"]
+    assert resolved["plot"] is False and resolved["optimizer"] == "adam"
+    # the resolved config is itself a config file that reproduces the run's options
+    again = load_run_config(tmp_path / "run" / "config.json")
+    assert again == resolved
+
+
+def test_unknown_option_in_a_config_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "run.toml").write_text('learning_rate = 0.1\n')
+    result = run_rnmt("train", "x", "--save-dir", str(tmp_path), "--config",
+                      str(tmp_path / "run.toml"))
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines() == [
+        f"rnmt: error: {tmp_path / 'run.toml'}: unknown option(s) learning_rate"]
+
+
+def test_yaml_reads_like_toml(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "a.yaml").write_text("lr: 1.0e-3\nmodel:\n  emb-dim: 64\n")
+    (tmp_path / "a.toml").write_text("lr = 1.0e-3\n[model]\nemb-dim = 64\n")
+    assert load_run_config(tmp_path / "a.yaml") == load_run_config(tmp_path / "a.toml") \
+        == {"lr": 1e-3, "emb_dim": 64}
+
+
+def test_explicit_command_line_options_beat_the_file():
+    merged = merge_options({"lr": 0.1, "seed": 1}, {"lr"}, {"lr": 0.5, "seed": 7}, "f")
+    assert merged == {"lr": 0.1, "seed": 7}
+    with pytest.raises(ConfigError, match="unknown option"):
+        merge_options({"lr": 0.1}, set(), {"lrr": 0.5}, "f")
+
+
+def test_file_values_take_the_options_types(tmp_path):
+    from pathlib import Path
+    from typing import Optional
+
+    from rnmt.run_config import coerce
+
+    assert coerce("1e-3", float, "lr", "f") == 1e-3  # how PyYAML reads 1e-3
+    assert coerce(None, Optional[int], "max_steps", "f") is None
+    assert coerce("runs/x", Optional[Path], "save_dir", "f") == Path("runs/x")
+    assert coerce("no", bool, "plot", "f") is False
+    with pytest.raises(ConfigError, match="option max_tokens wants a int"):
+        coerce("many", int, "max_tokens", "f")
