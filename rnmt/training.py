@@ -172,11 +172,21 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+def batch_loss(model: Model, batch: Batch, label_smoothing: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, NLL), both summed over the real target pieces of a batch.
+
+    Only real positions reach the softmax layer (`positions=`): padding costs nothing there.
+    """
+    real = batch.tgt_out != PAD
+    logits = model(batch.src, batch.src_lengths, batch.tgt_in, positions=real)
+    return smoothed_token_loss(logits, batch.tgt_out[real], label_smoothing, PAD)
+
+
 def token_loss(model: Model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over real target pieces, and their number."""
-    logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-    loss, _ = smoothed_token_loss(logits, batch.tgt_out, 0.0, PAD)
-    return loss, int((batch.tgt_out != PAD).sum())
+    loss, _ = batch_loss(model, batch)
+    return loss, batch.num_tgt_tokens
 
 
 @torch.no_grad()
@@ -415,8 +425,7 @@ class Trainer:
         scale = 1.0 / max(total_tokens, 1)
         nll_sum = torch.zeros((), device=self.device)
         for batch in batches:
-            logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
-            loss, nll = smoothed_token_loss(logits, batch.tgt_out, c.label_smoothing, PAD)
+            loss, nll = batch_loss(self.model, batch, c.label_smoothing)
             (loss * scale).backward()
             nll_sum += nll
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
