@@ -27,10 +27,10 @@ rnmt preprocess -s de -t en --train "$work/spm/raw/train" --valid "$work/spm/raw
 rnmt train "$work/bin" --save-dir "$work/run" --device "$device" --max-time "$minutes" \
     --max-epochs 1000 --log-every 200 2>&1 | tee "$out/train.log" | grep -E "valid|done|model"
 for beam in 1 5; do
-    start=$(date +%s.%N)
-    rnmt translate -m "$work/run/last.pt" --beam "$beam" --batch-size 64 --device "$device" \
+    start=$(date +%s%N)
+    rnmt translate -m "$work/run/best.pt" --beam "$beam" --batch-size 64 --device "$device" \
         < "$work/spm/raw/test.de" > "$out/test.b$beam.en"
-    end=$(date +%s.%N)
-    echo "beam $beam: whole process $(echo "$end - $start" | bc) s for 1000 sentences" | tee -a "$out/translate.txt"
+    end=$(date +%s%N)
+    echo "beam $beam: whole process $(( (end - start) / 1000000 )) ms for 1000 sentences" | tee -a "$out/translate.txt"
     rnmt score --ref "$work/spm/raw/test.en" "$out/test.b$beam.en" | tee -a "$out/translate.txt"
 done
