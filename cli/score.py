@@ -309,6 +309,9 @@ def _model_scores(models: list[Path], files: list[Path], ref: list[Path], src: P
             raise ConfigError(f"{models[0]} is a translation model: give the source with --src")
         sources = read_lines(src, errors).lines
         check_streams(targets, [sources], name, [str(src)])
+    elif src is not None:  # silently dropping the source would pass off p(y) as p(y | x)
+        raise ConfigError(f"{models[0]} is a language model: it scores target text alone, "
+                          f"p(y), and reads no source; drop --src {src}")
     elif not targets:
         raise ConfigError(f"{name}: no lines to score (empty input)")
     scores = scorer.score_lines(targets, sources)

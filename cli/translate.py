@@ -33,6 +33,7 @@ def translate(
     interactive: Annotated[bool, typer.Option("--interactive", help="Answer each line at once (the default when stdin is a terminal).")] = False,
     errors: Annotated[str, typer.Option(help="Invalid UTF-8 input: replace (U+FFFD, counted) or strict (stop).")] = "replace",
     batch_size: Annotated[int, typer.Option(help="Sentences per batch (sorted by length).")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="At most this many source pieces (padding included) per batch, so very long lines get small batches and memory stays bounded; a longer line goes alone.")] = 16000,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
@@ -49,8 +50,9 @@ def translate(
                                  param_hint="--output-format")
     if errors not in ("replace", "strict"):
         raise typer.BadParameter("choose replace or strict", param_hint="--errors")
-    if batch_size < 1 or buffer_size < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--batch-size/--buffer-size")
+    if batch_size < 1 or buffer_size < 1 or max_tokens < 1:
+        raise typer.BadParameter("must be at least 1",
+                                 param_hint="--batch-size/--buffer-size/--max-tokens")
     if attention_plot is not None:
         from rnmt.plotting import require_matplotlib
 
@@ -65,7 +67,7 @@ def translate(
     if interactive or (input is None and sys.stdin.isatty()):
         buffer_size = 1
     translator = Translator.load(model, config, device=device, batch_size=batch_size,
-                                 buffer_size=buffer_size)
+                                 buffer_size=buffer_size, max_tokens=max_tokens)
     reader = LineReader(source, "<stdin>" if input is None else str(input), errors)
     sink = sys.stdout if output is None else _open(output, "w")
     index = 0

@@ -34,6 +34,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -44,6 +45,27 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot save checkpoint ({err.strerror or err})") from None
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.NAME.tmpPID` files left by writers of `path` killed mid-save (kill -9, OOM
+    killer): their process is gone, so the file can never be completed. A live writer's
+    file is left alone."""
+    prefix = f".{path.name}.tmp"
+    for tmp in path.parent.iterdir():
+        pid = tmp.name[len(prefix):]
+        if tmp.name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

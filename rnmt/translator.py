@@ -28,6 +28,29 @@ from rnmt.search import Hypothesis, SearchConfig, search_nbest
 from rnmt.vocab import EOS, Vocabulary
 
 OUTPUT_FORMATS = ("text", "json")
+# Source pieces (padding included) per search batch. Search memory grows with batch ×
+# longest source × beam (encoder states and attention keys per beam row), so a few
+# sentences far longer than any in training must not share one batch with 63 others.
+DEFAULT_MAX_TOKENS = 16000
+
+
+def length_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                   max_tokens: int) -> list[list[int]]:
+    """Cut `order` (sorted shortest first; `lengths[j]` is the padded source length of
+    `order[j]`, `</s>` included) into batches of at most `batch_size` sentences whose padded
+    size, sentences × longest length, stays within `max_tokens`. A sentence longer than
+    `max_tokens` goes alone: it is translated, never refused."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index, length in zip(order, lengths):
+        # Sorted input: the newest sentence is the longest, so it sets the padded width.
+        if current and (len(current) == batch_size or (len(current) + 1) * length > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,6 +179,8 @@ class LineReader:
         for number, raw in enumerate(iter(self.stream.readline, b""), start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+                if not raw:
+                    return  # the stream was a byte order mark alone: no line of text
             raw = raw.rstrip(b"\n").rstrip(b"\r")
             try:
                 yield raw.decode("utf-8")
@@ -180,6 +205,7 @@ class Translator:
         device: torch.device,
         batch_size: int = 64,
         buffer_size: int = 2000,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.model = loaded.model
         self.src_vocab = loaded.src_vocab
@@ -189,15 +215,17 @@ class Translator:
         self.device = device
         self.batch_size = batch_size
         self.buffer_size = max(1, buffer_size)
+        self.max_tokens = max(1, max_tokens)
 
     @classmethod
     def load(cls, paths: str | Path | Sequence[str | Path], config: SearchConfig,
-             device: str = "auto", batch_size: int = 64, buffer_size: int = 2000
-             ) -> "Translator":
+             device: str = "auto", batch_size: int = 64, buffer_size: int = 2000,
+             max_tokens: int = DEFAULT_MAX_TOKENS) -> "Translator":
         dev = resolve_device(device)
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        return cls(load_models(list(paths), dev), config, dev, batch_size, buffer_size)
+        return cls(load_models(list(paths), dev), config, dev, batch_size, buffer_size,
+                   max_tokens)
 
     # --- lines in, lines out --------------------------------------------------------------
 
@@ -249,8 +277,8 @@ class Translator:
         else:
             todo = [i for i, line in enumerate(lines) if line.strip() and len(ids[i])]
         todo.sort(key=lambda i: len(ids[i]))  # similar lengths share a batch: little padding
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
+        for chunk in length_batches(todo, [len(ids[i]) + 1 for i in todo], self.batch_size,
+                                    self.max_tokens):
             src, lengths = pad_sentences([ids[i] for i in chunk], suffix=EOS)
             prefix = prefix_lengths = None
             if self.is_language_model:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,285 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_finishes(bin_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == saved["training"]["state"]["step"] + 3
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: what preprocess filters, very long lines
+# ---------------------------------------------------------------------------------------
+
+
+def test_preprocess_counts_and_reports_the_lines_it_filters(corpus_dir, bin_dir, tmp_path):
+    good_en = (corpus_dir / "train.en").read_text().splitlines()[:40]
+    good_de = (corpus_dir / "train.de").read_text().splitlines()[:40]
+    odd_en = [b"", b"   \t ", b"\x01\x02\x03\x7f", b"one two", b"nine " * 40, b"bad \xff byte"]
+    odd_de = [b"eins", b"zwei", b"drei", b"", b"neun", b"schlecht"]
+    # empty, whitespace-only, control-only (no pieces) source; an empty target; too long
+    (tmp_path / "c.en").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(good_en).encode() + b"\r\n"
+                                    + b"\n".join(odd_en))  # BOM, \r\n, no final newline
+    (tmp_path / "c.de").write_bytes("\n".join(good_de).encode() + b"\n" + b"\n".join(odd_de))
+    result = run_rnmt("preprocess", "-s", "en", "-t", "de", "--train", str(tmp_path / "c"),
+                      "--out", str(tmp_path / "bin"), "--spm-model", str(bin_dir / "spm.model"),
+                      "--max-len", "30")
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads((tmp_path / "bin" / "meta.json").read_text())["splits"]["train"]
+    assert report == {"name": "train", "total": 46, "kept": 41, "empty": 4, "too_long": 1,
+                      "invalid_utf8_lines": 1}
+    row = next(line for line in result.stderr.decode().splitlines() if " train " in line)
+    assert row.replace("│", " ").split() == ["train", "46", "41", "4", "1", "1"]
+
+
+def _run_measured(args: list[str], stdin: bytes, tmp_path) -> tuple[int, bytes, bytes, int]:
+    """Run the CLI; return (exit code, stdout, stderr, peak RSS in bytes of that child)."""
+    (tmp_path / "in").write_bytes(stdin)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(tmp_path / "in", "rb") as i, open(tmp_path / "out", "wb") as o, \
+            open(tmp_path / "err", "wb") as e:
+        proc = subprocess.Popen(RNMT + args, stdin=i, stdout=o, stderr=e, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the session's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+    return (proc.returncode, (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes(),
+            usage.ru_maxrss * scale)
+
+
+def test_sentences_far_longer_than_training_are_bounded_in_length_and_memory(
+        trained_checkpoint, tmp_path):
+    long_line = " ".join(["nine hundred twenty-one"] * 1700)  # 5,100 words, ~40,000 chars
+    lines = [long_line] * 6 + ["four hundred", "", long_line + " seven"]
+    code, out, err, peak = _run_measured(
+        ["translate", "-m", str(trained_checkpoint), "--beam", "2", "--device", "cpu",
+         "--max-len-a", "0", "--max-len-b", "12", "--min-len", "50"],  # forced to the limit
+        ("\n".join(lines) + "\n").encode(), tmp_path)
+    assert code == 0, err.decode()
+    outputs = out.decode().split("\n")[:-1]
+    assert len(outputs) == len(lines) and outputs[7] == ""
+    for text in outputs:
+        assert len(text.split()) <= 11  # ≤ 11 pieces before </s>: ≤ 11 words
+    assert peak < 1.5 * 2**30, f"peak RSS {peak / 2**20:.0f} MiB"
+    print(f"peak RSS {peak / 2**20:.0f} MiB")
+
+
+def test_long_sentences_are_searched_in_batches_within_the_token_budget(trained_checkpoint,
+                                                                        monkeypatch):
+    import rnmt.translator as translator_module
+    from rnmt.search import SearchConfig
+    from rnmt.translator import Translator
+
+    shapes: list[tuple[int, int]] = []
+    real_search = translator_module.search_nbest
+
+    def recording_search(model, src, *args, **kwargs):
+        shapes.append(tuple(src.shape))
+        return real_search(model, src, *args, **kwargs)
+
+    monkeypatch.setattr(translator_module, "search_nbest", recording_search)
+    translator = Translator.load(trained_checkpoint, SearchConfig(beam=1, max_len_a=0,
+                                                                  max_len_b=3),
+                                 device="cpu", batch_size=64, max_tokens=3000)
+    lines = ["nine " * n for n in (2, 3, 900, 1000, 1100, 4000)] + ["one two"] * 20
+    out = translator.translate_batch(lines)
+    assert len(out) == len(lines)
+    assert all(rows * width <= 3000 or rows == 1 for rows, width in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == len(lines)
+    assert shapes[-1][0] == 1 and shapes[-1][1] > 3000  # too long for the budget: alone
+    assert shapes[0][0] == 22  # the short ones still share one batch
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and models, through every command that reads one
+# ---------------------------------------------------------------------------------------
+
+
+def _damaged(trained_checkpoint, tmp_path, damage: str):
+    path = tmp_path / "model.pt"
+    data = trained_checkpoint.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped-bytes":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64])
+                         + data[middle + 64:])
+    elif damage == "newer-version":
+        import torch
+
+        payload = load_checkpoint(trained_checkpoint)
+        torch.save({**payload, "version": 99}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["score", "average"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped-bytes", "newer-version"])
+def test_score_and_average_refuse_damaged_checkpoints(trained_checkpoint, tmp_path, command,
+                                                       damage):
+    from typer.testing import CliRunner
+
+    from rnmt_cli.main import app
+
+    path = _damaged(trained_checkpoint, tmp_path, damage)
+    (tmp_path / "s").write_text("nine\n")
+    (tmp_path / "r").write_text("neun\n")
+    if command == "score":  # in-process: the same `guarded` entry point, without torch's import
+        args = ["score", "-m", str(path), "--src", str(tmp_path / "s"), "--ref",
+                str(tmp_path / "r"), "--device", "cpu"]
+    else:
+        args = ["average", str(trained_checkpoint), str(path), "-o", str(tmp_path / "avg.pt")]
+    result = CliRunner().invoke(app, args)
+    assert not (tmp_path / "avg.pt").exists()
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rnmt: error:") and "model.pt" in lines[0]
+
+
+def _language_model(trained_checkpoint, path):
+    """An untrained language model over the translation model's target vocabulary."""
+    from rnmt.checkpoint import save_checkpoint
+    from rnmt.models import ModelConfig, build_model
+
+    payload = load_checkpoint(trained_checkpoint)
+    size = len(payload["tgt_vocab"]["pieces"])
+    config = ModelConfig(size, size, arch="lm", emb_dim=8, dec_hidden_dim=8, dropout=0.0)
+    save_checkpoint({"model_config": config.to_dict(), "model": build_model(config).state_dict(),
+                     "src_vocab": payload["tgt_vocab"], "tgt_vocab": payload["tgt_vocab"]},
+                    path)
+    return path
+
+
+def test_a_language_model_in_a_translation_ensemble_is_a_clear_error(trained_checkpoint,
+                                                                      tmp_path):
+    from typer.testing import CliRunner
+
+    from rnmt_cli.main import app
+
+    lm = _language_model(trained_checkpoint, tmp_path / "lm.pt")
+    for models in ([trained_checkpoint, lm], [lm, trained_checkpoint]):
+        args = [a for m in models for a in ("-m", str(m))]
+        result = CliRunner().invoke(app, ["translate", *args, "--device", "cpu"], input="nine\n")
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and result.stdout == "", result.output
+        assert len(lines) == 1 and lines[0].startswith("rnmt: error:") and "lm.pt" in str(models)
+        assert "vocabulary" in lines[0] or "language model" in lines[0]
+
+
+def test_a_language_model_given_a_source_to_score_is_a_clear_error(trained_checkpoint,
+                                                                    tmp_path):
+    _language_model(trained_checkpoint, tmp_path / "lm.pt")
+    (tmp_path / "s").write_text("nine\n")
+    (tmp_path / "r").write_text("neun\n")
+    result = run_rnmt("score", "-m", str(tmp_path / "lm.pt"), "--src", str(tmp_path / "s"),
+                      "--ref", str(tmp_path / "r"), "--device", "cpu")
+    _assert_one_line_error(result, "lm.pt", "language model", "--src")
+    assert result.stdout == b""  # no p(y) numbers passed off as p(y | x)
+
+
+# ---------------------------------------------------------------------------------------
+# Faults during training
+# ---------------------------------------------------------------------------------------
+
+
+def _wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _spawn_training(bin_dir, save_dir, log, *extra: str) -> subprocess.Popen:
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        RNMT + ["train", str(bin_dir), "--save-dir", str(save_dir), "--device", "cpu",
+                "--max-tokens", "400", "--log-every", "1", "--save-every", "2",
+                "--no-plot", *sizes, *extra],
+        stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_never_loses_the_newest_checkpoint(bin_dir, tmp_path):
+    import random
+
+    rng = random.Random(11)
+    run = tmp_path / "run"
+    steps_seen = []
+    for kill in range(4):
+        log_path = tmp_path / f"log{kill}"
+        with open(log_path, "wb") as log:
+            proc = _spawn_training(bin_dir, run, log, "--max-steps", "100000",
+                                   *(["--resume"] if kill else []))
+            # Wait until this process trains (and, the first time, has saved once).
+            _wait_for(lambda: (run / "last.pt").exists() and b"step" in log_path.read_bytes())
+            time.sleep(rng.uniform(0.1, 2.0))
+            proc.kill()  # SIGKILL: no handler runs, a save may be half written
+            proc.wait()
+        assert b"Traceback" not in log_path.read_bytes()
+        for checkpoint in run.glob("*.pt"):  # every complete file loads; torn ones are hidden
+            load_checkpoint(checkpoint)
+        step = load_checkpoint(run / "last.pt")["training"]["state"]["step"]
+        steps_seen.append(step)
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= 2, steps_seen
+    final = steps_seen[-1] + 3
+    with open(tmp_path / "final-log", "wb") as log:
+        proc = _spawn_training(bin_dir, run, log, "--resume", "--max-steps", str(final))
+        assert proc.wait(timeout=180) == 0, (tmp_path / "final-log").read_text()
+    assert load_checkpoint(run / "last.pt")["step"] == final
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]  # torn writes cleared
+
+
+def test_a_save_clears_temporaries_of_writers_killed_mid_save(tmp_path):
+    import torch
+
+    from rnmt.checkpoint import save_checkpoint
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, check=True).stdout.decode().strip()
+    torn = tmp_path / f".last.pt.tmp{dead}"  # what kill -9 during a save leaves behind
+    torn.write_bytes(b"PK\x03\x04 half a zip")
+    live = tmp_path / f".last.pt.tmp{os.getppid()}"  # a running writer's file stays
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".best.pt.tmp{dead}"  # only `last.pt`'s temporaries are looked at
+    other.write_bytes(b"x")
+    payload = {"model_config": {}, "model": {"w": torch.ones(1)}, "src_vocab": {},
+               "tgt_vocab": {}}
+    save_checkpoint(payload, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.pt", live.name, other.name])
+
+
+WRITER_FAILS_AFTER = """
+import errno, sys, torch
+from rnmt_cli.main import main
+
+real_save, calls = torch.save, [0]
+
+
+def save(*args, **kwargs):  # the disk fills up after {n} checkpoint writes
+    calls[0] += 1
+    if calls[0] > {n}:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(*args, **kwargs)
+
+
+torch.save = save
+sys.argv = ["rnmt", *sys.argv[1:]]
+main()
+"""
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_clearly(bin_dir,
+                                                                               tmp_path):
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", WRITER_FAILS_AFTER.format(n=2), "train", str(bin_dir),
+         "--save-dir", str(tmp_path), "--device", "cpu", "--max-tokens", "400",
+         "--save-every", "3", "--max-steps", "30", "--no-plot", *sizes],
+        capture_output=True, env=env, cwd=ROOT, timeout=180)
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("rnmt: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], err
+    assert "last.pt" in errors[0] or "checkpoint" in errors[0], err
+    survivor = load_checkpoint(tmp_path / "last.pt")  # the previous save, intact
+    assert survivor["training"]["state"]["step"] in (3, 6)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no torn leftovers
