@@ -54,6 +54,9 @@ class RichReporter:
             self.console.print(f"  ref: {sample['reference']}", markup=False)
             self.console.print(f"  hyp: {sample['hypothesis']}", markup=False)
 
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}")
+
     def finish(self, s: dict[str, Any]) -> None:
         self.console.print(
             f"done: {s['reason']} after {s['step']} steps, {_clock(s['elapsed'])}; "

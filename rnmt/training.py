@@ -149,6 +149,7 @@ class Reporter(Protocol):
     def start(self, info: dict[str, Any]) -> None: ...
     def progress(self, stats: dict[str, Any]) -> None: ...
     def validation(self, stats: dict[str, Any]) -> None: ...
+    def warning(self, message: str) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -156,6 +157,7 @@ class SilentReporter:
     def start(self, info: dict[str, Any]) -> None: ...
     def progress(self, stats: dict[str, Any]) -> None: ...
     def validation(self, stats: dict[str, Any]) -> None: ...
+    def warning(self, message: str) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -168,6 +170,7 @@ class TrainState:
     stale_validations: int = 0  # validations without improvement of the early-stop metric
     bad_updates: int = 0  # non-finite updates in a row
     skipped_updates: int = 0  # non-finite updates in all
+    oom_batches: int = 0  # updates skipped because the device ran out of memory
     elapsed: float = 0.0  # seconds of training before this process (resume)
     history: list[dict] = field(default_factory=list)
 
@@ -424,10 +427,24 @@ class Trainer:
         total_tokens = sum(b.num_tgt_tokens for b in batches)
         scale = 1.0 / max(total_tokens, 1)
         nll_sum = torch.zeros((), device=self.device)
-        for batch in batches:
-            loss, nll = batch_loss(self.model, batch, c.label_smoothing)
-            (loss * scale).backward()
-            nll_sum += nll
+        try:
+            for batch in batches:
+                loss, nll = batch_loss(self.model, batch, c.label_smoothing)
+                (loss * scale).backward()
+                nll_sum += nll
+        except torch.OutOfMemoryError:
+            # As fairseq does: drop this update, free what it held, and go on; one batch
+            # too large for the device should not end a run of hours.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.state.oom_batches += 1
+            self.reporter.warning(
+                f"out of memory on a batch of {total_tokens} target pieces at step "
+                f"{self.state.step + 1}; skipped it ({self.state.oom_batches} so far; "
+                "a smaller --max-tokens avoids this)"
+            )
+            return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": math.nan}
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               c.clip_norm if c.clip_norm > 0 else math.inf)
         nll_value, norm_value = float(nll_sum), float(norm)  # the one host sync per update

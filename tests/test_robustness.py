@@ -427,3 +427,33 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_clearly(
     survivor = load_checkpoint(tmp_path / "last.pt")  # the previous save, intact
     assert survivor["training"]["state"]["step"] in (3, 6)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no torn leftovers
+
+
+def test_out_of_memory_on_a_batch_skips_it_with_a_warning(bin_dir, tmp_path, monkeypatch):
+    """As fairseq does: a batch too large for the device is skipped, training goes on."""
+    import torch
+
+    import rnmt.training as training
+    from rnmt.training import TrainConfig, Trainer
+
+    warnings: list[str] = []
+
+    class Recorder(training.SilentReporter):
+        def warning(self, message: str) -> None:
+            warnings.append(message)
+
+    real_loss = training.batch_loss
+    calls = {"n": 0}
+
+    def loss_that_runs_out_of_memory_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "batch_loss", loss_that_runs_out_of_memory_once)
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=5, device="cpu")
+    trainer = Trainer(bin_dir, TINY_MODEL, config, Recorder())
+    summary = trainer.train()
+    assert summary["step"] == 5 and trainer.state.oom_batches == 1
+    assert len(warnings) == 1 and "out of memory" in warnings[0]
