@@ -147,11 +147,7 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
 
     train_lines = texts["train"].lines
     if c.spm_model is not None:
-        try:
-            proto = Path(c.spm_model).read_bytes()
-        except OSError as err:
-            raise DataError(f"{c.spm_model}: cannot read sentencepiece model ({err.strerror})") from None
-        _check_spm(proto, c.spm_model)
+        proto = _read_spm(c.spm_model)
     else:
         proto = train_sentencepiece(train_lines, c.vocab_size, c.model_type, threads=c.threads)
     vocab = Vocabulary.build(proto, train_lines, c.threads)
@@ -199,11 +195,7 @@ def _vocabularies(
     c: PreprocessConfig, src_train: list[str], tgt_train: list[str]
 ) -> tuple[Vocabulary, Vocabulary, dict[str, bytes]]:
     if c.spm_model is not None:
-        try:
-            proto = Path(c.spm_model).read_bytes()
-        except OSError as err:
-            raise DataError(f"{c.spm_model}: cannot read sentencepiece model ({err.strerror})") from None
-        _check_spm(proto, c.spm_model)
+        proto = _read_spm(c.spm_model)
         src_proto = tgt_proto = proto
     elif c.separate_vocab:
         src_proto = train_sentencepiece(src_train, c.vocab_size, c.model_type, threads=c.threads)
@@ -223,6 +215,16 @@ def _vocabularies(
         Vocabulary.build(tgt_proto, tgt_train, c.threads),
         files,
     )
+
+
+def _read_spm(path: Path) -> bytes:
+    """A sentencepiece model given with --spm-model, checked to load."""
+    try:
+        proto = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read sentencepiece model ({err.strerror})") from None
+    _check_spm(proto, path)
+    return proto
 
 
 def _check_spm(proto: bytes, path: Path) -> None:
