@@ -284,7 +284,10 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
     attns: Tensor | None = None  # (rows, t, src_len), only when asked for
     prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(n)]
-    worst: list[float] = [float("-inf")] * n  # the k-th best finished normalized score
+    # Per sentence: how many hypotheses have finished, and the k-th best normalized score
+    # among them; tensors, so the stopping test below needs no Python loop over sentences.
+    n_finished = torch.zeros(n, dtype=torch.long, device=device)
+    worst = torch.full((n,), float("-inf"), device=device)
 
     for t in range(int(max_lens.max())):
         groups = active.numel()
@@ -312,13 +315,16 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
             raws = top_scores[g_idx, j_idx].tolist()
             ends = tokens[rows].tolist()
             ends_attn = attns[rows] if attns is not None else None
+            touched: dict[int, float] = {}
             for e, (g, raw) in enumerate(zip(g_idx.tolist(), raws)):
                 sent = active_list[g]
                 a = None if ends_attn is None else ends_attn[e, :, : src_len[sent]]
                 finished[sent].append(Hypothesis(ends[e], raw, raw / penalty, a))
-                if len(finished[sent]) >= k:
-                    worst[sent] = sorted((h.normalized for h in finished[sent]),
-                                         reverse=True)[k - 1]
+                ranked = sorted((h.normalized for h in finished[sent]), reverse=True)
+                touched[sent] = ranked[k - 1] if len(ranked) >= k else float("-inf")
+            sents = torch.tensor(list(touched), device=device)
+            n_finished[sents] = torch.tensor([len(finished[i]) for i in touched], device=device)
+            worst[sents] = torch.tensor(list(touched.values()), device=device)
 
         # The k best extensions that do not end go on.
         go_on = top_scores.masked_fill(is_eos, float("-inf"))
@@ -331,15 +337,15 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
             attns = attns[rows]
         state = model.reorder_state(state, rows)
 
-        if not any(len(finished[s]) >= k for s in active_list):
-            continue
-        best_live = (scores[:, 0] / length_penalty(t + 1, alpha)).tolist()
-        done = [len(finished[s]) >= k and best_live[g] <= worst[s]
-                for g, s in enumerate(active_list)]
-        if all(done):
+        # Done: k finished, and the best live beam, scored as if it ended now, cannot
+        # beat the worst of them (exact for α <= 0: extending never raises a raw score).
+        best_live = scores[:, 0] / length_penalty(t + 1, alpha)
+        done = (n_finished[active] >= k) & (best_live <= worst[active])
+        n_done = int(done.sum())
+        if n_done == groups:
             break
-        if any(done):
-            keep_groups = torch.tensor([g for g, d in enumerate(done) if not d], device=device)
+        if n_done:
+            keep_groups = (~done).nonzero().squeeze(1)
             keep_rows = (keep_groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             state = model.reorder_state(state, keep_rows)
             enc = model.reorder_encoder(enc, keep_rows)
