@@ -53,7 +53,7 @@ for name, function, summary in (
     ("preprocess", preprocess.preprocess, "Learn sentencepiece vocabularies and binarise a corpus."),
     ("train", train.train, "Train a model on a preprocessed corpus."),
     ("translate", translate.translate, "Translate stdin to stdout, one line in, one line out."),
-    ("score", score.score, "Score translations (BLEU, chrF) against references."),
+    ("score", score.score, "Score translations (BLEU, chrF, TER) and models."),
     ("average", average.average, "Average the parameters of several checkpoints into one."),
 ):
     app.command(name=name, help=summary)(guarded(function))
