@@ -7,6 +7,8 @@ for the reference cells, is marked slow (~15 s each).
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 from pathlib import Path
 
@@ -72,12 +74,16 @@ def _train_and_translate_through_the_cli(bin_dir, corpus_dir, tmp_path, options)
     assert "parameters" in trained.stderr.decode()
     sources = (corpus_dir / "test.en").read_text().splitlines()[:20]
     # No architecture flag: the checkpoint says what it is.
+    # --min-len 1 and the pieces from json: a barely trained model may prefer </s> (or a
+    # lone '▁') at once; the claim is that the checkpoint alone rebuilds the model and
+    # searches it, not how well it learned (the loss-falls tests above check learning).
     translated = run_rnmt("translate", "-m", str(save / "best.pt"), "--beam", "2",
-                          "--device", "cpu", stdin="\n".join(sources) + "\n")
+                          "--min-len", "1", "--output-format", "json", "--device", "cpu",
+                          stdin="\n".join(sources) + "\n")
     assert translated.returncode == 0, translated.stderr.decode()
     lines = translated.stdout.decode().splitlines()
     assert len(lines) == len(sources)
-    return lines
+    return [" ".join(json.loads(line)["pieces"]) for line in lines]
 
 
 @pytest.mark.slow
@@ -85,7 +91,7 @@ def test_vanilla_seq2seq_with_reversed_source_trains_and_translates_through_the_
         bin_dir, corpus_dir, tmp_path):
     options = {**ZOO_TINY, **ARCHS["seq2seq-reversed"], "cell": "gru"}
     lines = _train_and_translate_through_the_cli(bin_dir, corpus_dir, tmp_path, options)
-    assert sum(bool(line.strip()) for line in lines) >= len(lines) // 2
+    assert all(line.strip() for line in lines)
 
 
 @pytest.mark.slow
@@ -95,7 +101,7 @@ def test_every_architecture_and_cell_translates_from_its_checkpoint_through_the_
         bin_dir, corpus_dir, tmp_path, arch, cell):
     options = {**ZOO_TINY, **ARCHS[arch], "cell": cell, "layers": 2}
     lines = _train_and_translate_through_the_cli(bin_dir, corpus_dir, tmp_path, options)
-    assert sum(bool(line.strip()) for line in lines) >= len(lines) // 2
+    assert all(line.strip() for line in lines)
 
 
 @pytest.mark.slow
@@ -103,7 +109,7 @@ def test_reference_cells_train_and_translate_through_the_cli(bin_dir, corpus_dir
     options = {**ZOO_TINY, "cell": "gru", "cell_impl": "reference", "attention": "general",
                "input_feeding": True}
     lines = _train_and_translate_through_the_cli(bin_dir, corpus_dir, tmp_path, options)
-    assert sum(bool(line.strip()) for line in lines) >= len(lines) // 2
+    assert all(line.strip() for line in lines)
 
 
 def test_fused_and_reference_cells_translate_a_checkpoint_identically(trained_checkpoint,
