@@ -300,8 +300,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
         top_beam = torch.div(top_index, vocab, rounding_mode="floor")
         top_token = top_index % vocab
         is_eos = (top_token == EOS) & torch.isfinite(top_scores)
-        if config.attention:
-            assert attn is not None, "attention asked for, but the model returns none"
+        if config.attention and attn is not None:  # a model without attention has none to give
             step_attn = attn.unsqueeze(1)
             attns = step_attn if attns is None else torch.cat([attns, step_attn], dim=1)
 

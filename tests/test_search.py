@@ -275,3 +275,14 @@ def test_a_language_model_continues_its_prefix_with_the_scores_of_forced_decodin
         per_piece = log_probs[torch.arange(len(gold)), gold]
         assert abs(float(per_piece[len(p):].sum()) - hyp.score) < 1e-4
         assert 2 <= len(hyp.tokens) <= 8
+
+
+def test_asking_for_attention_from_a_model_without_it_gives_none():
+    torch.manual_seed(0)
+    config = ModelConfig(src_vocab_size=40, tgt_vocab_size=30, arch="seq2seq", emb_dim=16,
+                         hidden_dim=16, dec_hidden_dim=24, dropout=0.0)
+    model = build_model(config).eval()
+    src, lengths = _batch(8, n=4)
+    for beam in (1, 3):
+        for hyp in search_nbest(model, src, lengths, SearchConfig(beam=beam, attention=True)):
+            assert hyp[0].attention is None
