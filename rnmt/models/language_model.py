@@ -19,13 +19,12 @@ step t-1 but the state is needed at step t).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import DecoderState
 from rnmt.models.encoder import EncoderOut
-from rnmt.models.seq2seq import output_layer
+from rnmt.models.seq2seq import output_layer, step_log_probs
 from rnmt.nn.rnn import RNN
 from rnmt.vocab import PAD
 
@@ -64,9 +63,7 @@ class LanguageModel(nn.Module):
         """prev (batch,) -> log p(y_t | y_<t) (batch, vocab) in float32, state, no attention."""
         s, hidden = self.rnn.step(self.dropout(self.embed(prev)), state.hidden)
         logits = self._logits(s)
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # scores accumulate over many steps: keep them in fp32
-        return F.log_softmax(logits, dim=-1), DecoderState(hidden), None
+        return step_log_probs(logits), DecoderState(hidden), None
 
     def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
         return state.index_select(index)

@@ -51,6 +51,14 @@ class Bridge(nn.Module):
         return stacked
 
 
+def step_log_probs(logits: Tensor) -> Tensor:
+    """log_softmax of one step's logits (batch, vocab), in float32 even when the model runs
+    in half precision: search adds these scores up over many steps."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.log_softmax(logits, dim=-1)
+
+
 def reverse_source(src: Tensor, src_lengths: Tensor) -> Tensor:
     """x_1 … x_n </s> -> x_n … x_1 </s> per sentence; `</s>` and the padding stay in place.
 
@@ -124,9 +132,7 @@ class Seq2Seq(nn.Module):
         """prev (batch,) -> log-probabilities (batch, vocab) in float32, state, attention."""
         o, state, attn = self.decoder.step(prev, state, enc)
         logits = self.generator(self.projection(o))
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # scores accumulate over many steps: keep them in fp32
-        return F.log_softmax(logits, dim=-1), state, attn
+        return step_log_probs(logits), state, attn
 
     def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
         return state.index_select(index)
