@@ -273,7 +273,8 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
     state = model.init_state(enc)
     expand = torch.arange(n, device=device).repeat_interleave(k)
     state, enc = model.reorder_state(state, expand), model.reorder_encoder(enc, expand)
-    max_lens = _max_lengths(src_lengths, config).to(device)
+    # Per row (beam) rather than per sentence: the mask below is applied row by row.
+    max_lens = _max_lengths(src_lengths, config).to(device).repeat_interleave(k)
     src_len = src_lengths.tolist()
 
     active = torch.arange(n, device=device)  # sentence of each group of k rows
@@ -292,8 +293,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
     for t in range(int(max_lens.max())):
         groups = active.numel()
         log_probs, state, attn = model.step(prev, state, enc)
-        row_limits = max_lens.repeat_interleave(k)
-        log_probs = _mask_log_probs(log_probs, t, row_limits, config, tokens)
+        log_probs = _mask_log_probs(log_probs, t, max_lens, config, tokens)
         vocab = log_probs.size(-1)
         candidates = (scores.unsqueeze(-1) + log_probs.view(groups, k, vocab)).view(groups, -1)
         top_scores, top_index = candidates.topk(2 * k, dim=-1)  # (groups, 2k)
@@ -351,7 +351,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
             tokens, prev = tokens[keep_rows], prev[keep_rows]
             if attns is not None:
                 attns = attns[keep_rows]
-            scores, active, max_lens = scores[keep_groups], active[keep_groups], max_lens[keep_groups]
+            scores, active, max_lens = scores[keep_groups], active[keep_groups], max_lens[keep_rows]
             active_list = active.tolist()
 
     for hyps in finished:
