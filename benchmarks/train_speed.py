@@ -2,9 +2,12 @@
 
 Runs `--warmup` updates, then `--batches` timed updates of full training steps (forward,
 backward, clip, Adam) on batches of a preprocessed corpus, and prints the median and
-quartiles of per-batch target tokens/s plus peak resident memory.
+quartiles of per-batch target tokens/s plus peak resident memory. `--precision bf16|fp16`
+runs the forward pass under autocast as `rnmt train --precision` does (fp16 with loss
+scaling); on CUDA, batches go through pinned memory as in training.
 
 Usage: python benchmarks/train_speed.py DATA_DIR [--threads 2] [--batches 30] [--max-tokens 3000]
+                                                 [--device cpu|cuda] [--precision fp32|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from pathlib import Path
 import torch
 
 from rnmt.data import TokenBatchSampler, collate
+from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
 from rnmt.preprocess import load_data, load_vocabularies
-from rnmt.training import token_loss
+from rnmt.training import check_precision, precision_context, to_device, token_loss
 
 
 def main() -> None:
@@ -31,7 +35,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=3000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        warning = check_precision(args.precision, device)
+    except ConfigError as err:
+        parser.error(str(err))
+    if warning:
+        print(f"warning: {warning}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     meta, data = load_data(args.data, "train")
@@ -39,17 +51,26 @@ def main() -> None:
     model = build_model(ModelConfig(src_vocab_size=len(src_vocab),
                                     tgt_vocab_size=len(tgt_vocab))).to(args.device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, args.max_tokens, seed=1)
     batches = sampler.batches(0)[: args.warmup + args.batches]
     rates = []
     for i, indices in enumerate(batches):
         start = time.perf_counter()
-        batch = collate(data, indices).to(torch.device(args.device))
-        loss, n_tokens = token_loss(model, batch)
+        batch = to_device(collate(data, indices), device)
+        with precision_context(args.precision, device):
+            loss, n_tokens = token_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        (loss / n_tokens).backward()
+        loss = loss / n_tokens
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -57,7 +78,8 @@ def main() -> None:
     q1, median, q3 = statistics.quantiles(rates, n=4)
     params = sum(p.numel() for p in model.parameters())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"reference model, {params:,} parameters, {args.threads} threads, {args.device}")
+    print(f"reference model, {params:,} parameters, {args.threads} threads, {args.device}, "
+          f"{args.precision}")
     print(f"target tokens/s over {len(rates)} batches: median {median:,.0f} "
           f"(quartiles {q1:,.0f}-{q3:,.0f}); peak RSS {rss_mb:,.0f} MB")
 

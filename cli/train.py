@@ -24,12 +24,17 @@ class RichReporter:
                  if c.get(flag)]
         if c.get("cell_impl", "fused") != "fused":
             what.append(f"{c['cell_impl']} cells")
+        where = (f"{info['ranks']} processes (DDP), rank 0 on {info['device']}"
+                 if info.get("ranks", 1) > 1 else info["device"])
+        precision = info.get("precision", "fp32")
         self.console.print(
             f"[bold]model[/bold] {c['arch']} ({', '.join(what)}): "
-            f"{info['parameters']:,} parameters on {info['device']} "
-            f"({info['threads']} threads); {info['train_pairs']:,} training "
+            f"{info['parameters']:,} parameters on {where} "
+            f"({info['threads']} threads{'' if precision == 'fp32' else ', ' + precision}); "
+            f"{info['train_pairs']:,} training "
             f"{'sentences' if c['arch'] == 'lm' else 'pairs'}, "
             f"{info['batches_per_epoch']} batches/epoch"
+            + (" per process" if info.get("ranks", 1) > 1 else "")
             + (f"; resumed at step {info['resumed_at']}" if info["resumed_at"] else "")
         )
 
@@ -153,13 +158,15 @@ def train(
     log_every: Annotated[int, typer.Option(help="Print progress (and a metrics.jsonl line) every N updates.")] = 20,
     plot: Annotated[bool, typer.Option(help="Draw SAVE_DIR/training.png at the end (when matplotlib is installed).")] = True,
     seed: Annotated[int, typer.Option(help="Random seed (initialisation, dropout, batch order).")] = 1,
-    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda. Under torchrun each process takes cuda:LOCAL_RANK.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16: autocast of the forward pass (matrix products in 16 bits; weights, optimizer, loss and checkpoints stay fp32). fp16 needs CUDA and scales the loss; bf16 on a CPU pays only with AMX/AVX512-BF16.")] = "fp32",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue exactly from SAVE_DIR/last.pt (model, optimizer, schedule, RNG, batch position).")] = False,
 ) -> None:
     """Train an encoder-decoder or a language model on a preprocessed corpus."""
     values = dict(locals())
     given = {p.name: values[p.name] for p in ctx.command.params if p.name != "config"}
+    from rnmt.distributed import setup, teardown
     from rnmt.errors import ConfigError
     from rnmt.training import TrainConfig, Trainer, TrainingInterrupted
 
@@ -174,11 +181,17 @@ def train(
     if not train_config.threads:
         train_config.threads = None
     reporter = RichReporter()
+    dist = setup(train_config.device)  # one process, or this rank of a torchrun job
     try:
-        Trainer(o["data"], model_config, train_config, reporter).train()
+        Trainer(o["data"], model_config, train_config, reporter, dist).train()
     except TrainingInterrupted as stop:
-        reporter.console.print(
-            f"rnmt: interrupted at step {stop.step}; saved {stop.checkpoint}. "
-            f"Continue with: rnmt train {o['data']} --save-dir {o['save_dir']} --resume"
-        )
+        if dist.is_main:
+            again = (f"rnmt train {o['data']} --save-dir {o['save_dir']} --resume"
+                     if not dist.enabled else "the same torchrun command with --resume")
+            reporter.console.print(
+                f"rnmt: interrupted at step {stop.step}; saved {stop.checkpoint}. "
+                f"Continue with: {again}"
+            )
         sys.exit(130)
+    finally:
+        teardown(dist)

@@ -20,6 +20,21 @@ Every log interval and validation becomes a JSON line in `save_dir/metrics.jsonl
 TensorBoard event when tensorboard is installed); `save_dir/config.json` holds the resolved
 configuration, which `rnmt train --config` reads back.
 
+Data-parallel (`torchrun`, see `rnmt.distributed`): every rank draws the same batch order
+from the seed, and of each update's W·K consecutive batches (W ranks, `update_freq` K) rank r
+takes the r-th, (r+W)-th, … — batch i of the epoch goes to rank i mod W, and the tail of
+fewer than W batches is dropped so every rank runs the same number of updates. Each rank's
+loss is scaled by W / (target pieces of all W·K batches) and DDP averages the W gradients,
+so an update equals that of one process with `update_freq` W·K over the same batches. Rank 0
+alone validates (on the unwrapped model) and writes; what validation decides (best, plateau
+rate, early stop) is broadcast, and stop requests (signals, `max_time`) are summed over the
+ranks at every update, so all ranks stop after the same update.
+
+Mixed precision (`precision` bf16/fp16): the forward pass runs under `torch.autocast`
+(matrix products in 16 bits); parameters, gradients, the optimizer and checkpoints stay
+fp32, and the loss and log-softmax run in fp32 (`smoothed_token_loss` casts). fp16 scales
+the loss (`GradScaler`): an update whose gradient overflows is skipped and the scale halved.
+
 A language model (`arch="lm"`) trains the same way: its batches' `tgt_in = <s> y` and
 `tgt_out = y </s>` come from the one side of a monolingual corpus (`preprocess --mono`) or
 the target side of a parallel one; it ignores `src`. Its checkpoint holds the language's
@@ -28,6 +43,9 @@ vocabulary as both `src_vocab` and `tgt_vocab`; its validation is perplexity onl
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -42,6 +60,7 @@ import torch
 
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
+from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
@@ -51,6 +70,10 @@ from rnmt.translator import resolve_device
 from rnmt.vocab import EOS, PAD, Vocabulary
 
 METRICS = ("ppl", "bleu")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# fp16 loss scaling: below this scale, an overflowing gradient is no longer the scaler's
+# business but a diverging run (fairseq's --min-loss-scale).
+MIN_LOSS_SCALE = 1e-4
 
 
 @dataclass
@@ -90,6 +113,7 @@ class TrainConfig:
     plot: bool = True
     seed: int = 1
     device: str = "auto"
+    precision: str = "fp32"
     threads: int | None = None
     resume: bool = False
 
@@ -100,6 +124,9 @@ class TrainConfig:
             if value is not None and value not in METRICS:
                 raise ConfigError(f"unknown --{name.replace('_', '-')} {value!r}; "
                                   f"choose from {', '.join(METRICS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; "
+                              f"choose from {', '.join(PRECISIONS)}")
         if self.update_freq < 1 or self.max_tokens < 1 or self.log_every < 1:
             raise ConfigError("--update-freq, --max-tokens and --log-every must be at least 1")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -173,6 +200,65 @@ class TrainState:
     oom_batches: int = 0  # updates skipped because the device ran out of memory
     elapsed: float = 0.0  # seconds of training before this process (resume)
     history: list[dict] = field(default_factory=list)
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16)."""
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def check_precision(precision: str, device: torch.device) -> str | None:
+    """Refuse a precision the device cannot run (ConfigError); return a warning when it
+    runs but slowly: bf16 on a CPU without bf16 matrix units."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs a CUDA device (here: {device.type}); "
+                          "use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                          "bfloat16 support; use fp16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
+        return (f"--precision bf16 on a CPU without AMX or AVX512-BF16 (this one: "
+                f"{torch.backends.cpu.get_cpu_capability()}) is emulated and slower than fp32")
+    return None
+
+
+@contextlib.contextmanager
+def _onednn_off():
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's precision: autocast to bf16/fp16 (matrix products in 16 bits,
+    reductions and softmax kept in fp32 by autocast's op lists), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    if device.type == "cpu" and not cpu_has_bf16_units():
+        # oneDNN has no 16-bit LSTM kernel for such a CPU ("could not create a primitive
+        # descriptor"); without oneDNN, torch's own recurrent kernels run, in fp32.
+        stack.enter_context(_onednn_off())
+    return stack
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a collated (CPU) batch to `device`; on CUDA through pinned memory, so the copy
+    runs asynchronously (non_blocking) and the host goes on preparing the next batch."""
+    if device.type == "cuda":
+        batch = dataclasses.replace(batch, **{
+            name: tensor.pin_memory() for name in ("src", "tgt_in", "tgt_out")
+            if (tensor := getattr(batch, name)) is not None
+        })
+    return batch.to(device)
 
 
 def batch_loss(model: Model, batch: Batch, label_smoothing: float = 0.0
@@ -282,14 +368,20 @@ def plot_curves(metrics_path: Path, out: Path) -> bool:
 
 
 class Trainer:
+    """One training run. `dist` places this process in a data-parallel run (torchrun; see
+    `rnmt.distributed.setup`); without it the run is a single process on `config.device`.
+    Only rank 0 reports, writes files and validates."""
+
     def __init__(self, data_dir: Path, model_config: dict[str, Any], config: TrainConfig,
-                 reporter: Reporter | None = None) -> None:
+                 reporter: Reporter | None = None, dist: Distributed | None = None) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
-        self.reporter = reporter or SilentReporter()
+        self.dist = dist or Distributed(device=resolve_device(config.device))
+        self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
+        self.device = self.dist.device
+        self.precision_warning = check_precision(config.precision, self.device)
         self.meta, self.train_data = load_data(data_dir, "train")
         _, self.valid_data = load_data(data_dir, "valid")
         self.src_vocab, self.tgt_vocab = load_vocabularies(data_dir, self.meta)
@@ -317,6 +409,10 @@ class Trainer:
             )
             self.model_options = dict(model_config)
         self.model = build_model(self.model_config).to(self.device)
+        if self.dist.rank > 0:
+            # Same initialisation on every rank (DDP also broadcasts rank 0's), but each
+            # rank its own dropout stream, as each batch of one process gets fresh masks.
+            torch.manual_seed(config.seed + self.dist.rank)
         self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr,
                                          config.weight_decay)
         self.schedule = LRSchedule(config.schedule(), self.optimizer)
@@ -324,9 +420,29 @@ class Trainer:
             self.train_data.src.lengths, self.train_data.tgt.lengths, config.max_tokens,
             config.max_sentences, seed=config.seed,
         )
+        # Target pieces per training pair (y and </s>): every rank counts the pieces of the
+        # whole update from these, without collating the other ranks' batches.
+        self.target_pieces = np.asarray(self.train_data.tgt.lengths, dtype=np.int64) + 1
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if config.precision == "fp16" else None)
         if resumed is not None:
             self._restore(resumed)
+        # What trains: the model itself, or its DDP wrapper, whose backward averages the
+        # gradients over the ranks. Checkpoints and validation use the model itself.
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            n_batches = len(self.sampler.batches(0))
+            if n_batches < self.dist.world_size:
+                raise ConfigError(
+                    f"{data_dir}: the training data makes {n_batches} batch(es) of "
+                    f"--max-tokens {config.max_tokens}, too few for {self.dist.world_size} "
+                    "ranks; lower --max-tokens or start fewer processes")
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._stop_signal: int | None = None
+        self._stopping = False  # a signal reached some rank: all stop after this update
+        self._late = False  # --max-time passed on some rank, as agreed at the last update
+        self._started: float | None = None
         self.metrics: MetricsLog | None = None
 
     def _check_data_fits(self, data_dir: Path, options: dict[str, Any]) -> None:
@@ -348,9 +464,15 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------
 
     def _rng_state(self) -> dict[str, Any]:
+        """This rank's RNG states; in a data-parallel run also every rank's, stacked
+        (`torch_ranks`, `cuda_ranks`), so each rank resumes its own dropout stream.
+        A collective: every rank calls it at the same point."""
         state: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.enabled:
+            for key in list(state):
+                state[f"{key}_ranks"] = torch.stack(self.dist.all_gather(state[key]))
         return state
 
     def _payload(self, with_training: bool) -> dict[str, Any]:
@@ -370,6 +492,8 @@ class Trainer:
                 "rng": self._rng_state(),
                 "state": asdict(self.state),
             }
+            if self.scaler is not None:
+                payload["training"]["grad_scaler"] = self.scaler.state_dict()
         return payload
 
     def _load_resume(self) -> dict | None:
@@ -389,24 +513,36 @@ class Trainer:
         if "scheduler" in training:
             self.schedule.load_state_dict(training["scheduler"])
         self.sampler.load_state_dict(training["sampler"])
+        if self.scaler is not None and "grad_scaler" in training:
+            self.scaler.load_state_dict(training["grad_scaler"])
         rng = training["rng"]
         if isinstance(rng, torch.Tensor):  # checkpoints before the RNG dict
             rng = {"torch": rng}
+        for key in ("torch", "cuda"):  # this rank's own stream when the run had as many
+            ranks = rng.get(f"{key}_ranks")
+            if ranks is not None and len(ranks) == self.dist.world_size:
+                # a copy: set_rng_state crashes on a view at a storage offset (torch 2.13)
+                rng[key] = ranks[self.dist.rank].clone()
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.state = TrainState(**training["state"])
 
     def save(self) -> None:
-        save_checkpoint(self._payload(with_training=True), self.last_path)
+        """`last.pt`, written by rank 0 (every rank calls this: the RNG states are gathered)."""
+        payload = self._payload(with_training=True)
+        if self.dist.is_main:
+            save_checkpoint(payload, self.last_path)
 
     def _save_step_checkpoint(self) -> None:
         """`checkpoint_<step>.pt` (resumable), keeping the `keep_last` newest."""
         keep = self.config.keep_last
         if keep <= 0:
             return
-        save_checkpoint(self._payload(with_training=True),
-                        self.config.save_dir / f"checkpoint_{self.state.step}.pt")
+        payload = self._payload(with_training=True)
+        if not self.dist.is_main:
+            return
+        save_checkpoint(payload, self.config.save_dir / f"checkpoint_{self.state.step}.pt")
         pattern = re.compile(r"checkpoint_(\d+)\.pt$")
         found = sorted((int(m.group(1)), p) for p in self.config.save_dir.iterdir()
                        if (m := pattern.match(p.name)))
@@ -415,24 +551,46 @@ class Trainer:
 
     # --- one update -----------------------------------------------------------------------
 
-    def train_step(self, batches: list[Batch]) -> dict[str, Any]:
-        """One update from the summed loss of `batches`, divided by their total target
-        pieces: the update of one batch holding them all. A non-finite loss or gradient
-        norm skips the update (parameters and optimizer state untouched).
+    def train_step(self, batches: list[Batch], total_tokens: int | None = None
+                   ) -> dict[str, Any]:
+        """One update from the summed loss of `batches` (this rank's share of the update),
+        divided by the target pieces of the whole update: the update of one batch holding
+        them all. `total_tokens` counts the pieces of all ranks' batches (default: those of
+        `batches`, the whole update of a single process).
 
-        Returns nll (summed over pieces, a float), tokens, updated, grad_norm.
+            g = (1/W) Σ_r ∇(W/T · L_r) = ∇(Σ_r L_r) / T       (W ranks, T pieces in all)
+
+        DDP's backward averages the W ranks' gradients; the first K−1 of K batches skip
+        that all-reduce (`no_sync`) and the last reduces the accumulated sum once. A
+        non-finite loss or gradient norm skips the update (parameters and optimizer state
+        untouched). Returns nll (summed over all ranks' pieces, a float), tokens, updated,
+        grad_norm. The update reads the device once (the skip decision needs the norm);
+        nothing else here waits for it, beyond the boolean selection of real target
+        positions in `batch_loss` and the model.
         """
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = sum(b.num_tgt_tokens for b in batches)
-        scale = 1.0 / max(total_tokens, 1)
+        if total_tokens is None:
+            total_tokens = sum(b.num_tgt_tokens for b in batches)
+        scale = self.dist.world_size / max(total_tokens, 1)
         nll_sum = torch.zeros((), device=self.device)
         try:
-            for batch in batches:
-                loss, nll = batch_loss(self.model, batch, c.label_smoothing)
-                (loss * scale).backward()
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with self._no_sync(unless=last):
+                    with precision_context(c.precision, self.device):
+                        loss, nll = batch_loss(self.train_model, batch, c.label_smoothing)
+                    loss = loss * scale
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 nll_sum += nll
         except torch.OutOfMemoryError:
+            if self.dist.enabled:
+                # The other ranks are already waiting for this rank's gradients: one rank
+                # cannot skip a batch alone.
+                raise ConfigError(
+                    f"out of memory on rank {self.dist.rank} at step {self.state.step + 1} "
+                    "(a batch cannot be skipped in data-parallel training); lower --max-tokens"
+                ) from None
             # As fairseq does: drop this update, free what it held, and go on; one batch
             # too large for the device should not end a run of hours.
             self.optimizer.zero_grad(set_to_none=True)
@@ -445,46 +603,95 @@ class Trainer:
                 "a smaller --max-tokens avoids this)"
             )
             return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": math.nan}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and test the true gradient
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               c.clip_norm if c.clip_norm > 0 else math.inf)
-        nll_value, norm_value = float(nll_sum), float(norm)  # the one host sync per update
+        # The loss of all ranks, and their votes to stop (a signal, --max-time), summed
+        # in one small all-reduce; read with the norm in the update's one host sync.
+        shared = torch.stack([nll_sum, nll_sum.new_full((), float(self._stop_signal is not None)),
+                              nll_sum.new_full((), float(self._clock_says_late()))])
+        self.dist.all_reduce_sum(shared)
+        nll_value, stop_votes, late_votes, norm_value = torch.cat(
+            [shared, norm.detach().float().reshape(1).to(shared.device)]).tolist()
+        self._stopping, self._late = stop_votes > 0, late_votes > 0
         if not (math.isfinite(nll_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.bad_updates += 1
+            # fp16: a finite loss with an overflowing gradient is the loss scale's fault;
+            # the scaler halves it and the update is skipped without counting as bad.
+            overflow = (self.scaler is not None and math.isfinite(nll_value)
+                        and self.scaler.get_scale() >= MIN_LOSS_SCALE)
+            if self.scaler is not None:
+                self.scaler.update()
             self.state.skipped_updates += 1
+            if not overflow:
+                self.state.bad_updates += 1
             return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": norm_value}
         self.schedule.before_update(self.state.step + 1)
-        self.optimizer.step()
+        self.optimizer.step()  # the gradients are finite: GradScaler.step would only re-check
+        if self.scaler is not None:
+            self.scaler.update()
         self.state.step += 1
         self.state.bad_updates = 0
         return {"nll": nll_value, "tokens": total_tokens, "updated": True,
                 "grad_norm": norm_value}
 
+    def _no_sync(self, unless: bool) -> contextlib.AbstractContextManager:
+        """DDP's no_sync (gradients accumulate locally, no all-reduce) unless `unless`."""
+        if unless or not self.dist.enabled:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def _clock_says_late(self) -> bool:
+        """This process's clock is past --max-time (ranks' clocks differ: see `_late`)."""
+        c = self.config
+        return (c.max_time is not None and self._started is not None
+                and self.state.elapsed + time.time() - self._started >= c.max_time * 60)
+
     def _update_groups(self):
-        """The rest of the current epoch as groups of `update_freq` batches (the last
-        group of an epoch may be smaller)."""
-        group: list[np.ndarray] = []
-        for indices in self.sampler:
-            group.append(indices)
-            if len(group) == self.config.update_freq:
-                yield group
-                group = []
-        if group:
-            yield group
+        """The rest of the current epoch as updates: (this rank's batches, target pieces
+        of the whole update). An update takes the next W·K batches of the epoch (W ranks,
+        K = update_freq), rank r every W-th from the r-th; the last update of an epoch may
+        be smaller, and a tail of fewer than W batches is dropped, so that every rank runs
+        the same number of updates. The sampler's position counts all ranks' batches."""
+        s, world = self.sampler, self.dist.world_size
+        batches = s.batches(s.epoch)
+        usable = s.position + (len(batches) - s.position) // world * world
+        while s.position < usable:
+            group = batches[s.position : min(s.position + world * self.config.update_freq,
+                                             usable)]
+            s.position += len(group)
+            tokens = int(sum(self.target_pieces[indices].sum() for indices in group))
+            yield group[self.dist.rank :: world], tokens
+        s.epoch += 1
+        s.position = 0
 
     # --- validation -----------------------------------------------------------------------
 
     def validate(self) -> dict[str, Any]:
+        """Validate, keep `best.pt`, and feed the schedule and early stopping. In a
+        data-parallel run rank 0 measures (the whole set, on the unwrapped model: the
+        numbers of a single process) and broadcasts the numbers, from which every rank
+        takes the same decisions; the others wait meanwhile."""
         c = self.config
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the training RNG stream stays put
-            loss = evaluate_loss(self.model, self.valid_data, c.max_tokens, self.device)
-            stats: dict[str, Any] = {
-                "step": self.state.step, "epoch": self.state.epoch, "valid_loss": loss,
-                "valid_ppl": math.exp(min(loss, 50.0)), "lr": self.schedule.lr,
-            }
-            if c.needs_bleu:
-                stats.update(self._decode_valid())
+        measured: dict[str, Any] = {}
+        if self.dist.is_main:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # the training RNG stream stays put
+                measured["valid_loss"] = evaluate_loss(self.model, self.valid_data,
+                                                       c.max_tokens, self.device)
+                if c.needs_bleu:
+                    measured.update(self._decode_valid())
+        numbers = ("valid_loss", "bleu", "chrf") if c.needs_bleu else ("valid_loss",)
+        shared = dict(zip(numbers, self.dist.broadcast_floats(
+            [measured.get(key, math.nan) for key in numbers])))
+        loss = shared.pop("valid_loss")
+        stats: dict[str, Any] = {
+            "step": self.state.step, "epoch": self.state.epoch, "valid_loss": loss,
+            "valid_ppl": math.exp(min(loss, 50.0)), "lr": self.schedule.lr, **shared,
+        }
+        if "samples" in measured:
+            stats["samples"] = measured["samples"]
         improved = {"ppl": loss < self.state.best_valid_loss,
                     "bleu": "bleu" in stats and stats["bleu"] > self.state.best_bleu}
         if improved["ppl"]:
@@ -493,7 +700,8 @@ class Trainer:
             self.state.best_bleu = stats["bleu"]
         if improved[c.best_metric]:
             stats["best"] = True
-            save_checkpoint(self._payload(with_training=False), self.best_path)
+            if self.dist.is_main:
+                save_checkpoint(self._payload(with_training=False), self.best_path)
         self.state.stale_validations = (0 if improved[c.stop_metric]
                                         else self.state.stale_validations + 1)
         self.schedule.after_validation(
@@ -533,11 +741,19 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signum
 
-    def _limits_reached(self, started: float) -> str | None:
+    def _stop_requested(self) -> bool:
+        """A signal arrived: stop after this update. In a data-parallel run, as agreed at
+        the last update (a signal reaches the ranks at different moments)."""
+        return self._stopping if self.dist.enabled else self._stop_signal is not None
+
+    def _limits_reached(self) -> str | None:
         c = self.config
         if c.max_steps is not None and self.state.step >= c.max_steps:
             return f"reached --max-steps {c.max_steps}"
-        if c.max_time is not None and self.state.elapsed + time.time() - started >= c.max_time * 60:
+        # Ranks' clocks differ: in a data-parallel run the time is up when the last update
+        # agreed it is (or the resumed run had used it all already).
+        late = self._late if self.dist.enabled else self._clock_says_late()
+        if c.max_time is not None and (late or self.state.elapsed >= c.max_time * 60):
             return f"reached --max-time {c.max_time:g} min"
         if self.state.epoch >= c.max_epochs:
             return f"reached --max-epochs {c.max_epochs}"
@@ -550,30 +766,39 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         c = self.config
-        c.save_dir.mkdir(parents=True, exist_ok=True)
-        (c.save_dir / "config.json").write_text(
-            json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
-        self.metrics = MetricsLog(c.save_dir)
+        main = self.dist.is_main
+        if main:
+            c.save_dir.mkdir(parents=True, exist_ok=True)
+            (c.save_dir / "config.json").write_text(
+                json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
+            self.metrics = MetricsLog(c.save_dir)
         n_params = sum(p.numel() for p in self.model.parameters())
+        per_epoch = len(self.sampler.batches(self.state.epoch)) // self.dist.world_size
         self.reporter.start({
             "parameters": n_params, "device": str(self.device),
             "threads": torch.get_num_threads(), "train_pairs": len(self.train_data),
-            "batches_per_epoch": len(self.sampler.batches(self.state.epoch)),
+            "batches_per_epoch": per_epoch, "ranks": self.dist.world_size,
+            "precision": c.precision,
             "model_config": self.model_config.to_dict(), "resumed_at": self.state.step,
         })
+        if self.precision_warning:
+            self.reporter.warning(self.precision_warning)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        started = time.time()
+        started = self._started = time.time()
         window_tokens, window_nll, window_start = 0, 0.0, time.time()
-        reason = self._limits_reached(started)
+        reason = self._limits_reached()
         try:
             self.model.train()
             while reason is None:
-                for group in self._update_groups():
-                    batches = [collate(self.train_data, ix).to(self.device) for ix in group]
-                    result = self.train_step(batches)
+                for shares, tokens in self._update_groups():
+                    batches = [to_device(collate(self.train_data, ix), self.device)
+                               for ix in shares]
+                    result = self.train_step(batches, tokens)
                     if self.state.bad_updates >= c.max_bad_updates:
                         self._diverged()
                     if not result["updated"]:
+                        if self._stop_requested():
+                            break
                         continue
                     window_tokens += result["tokens"]
                     window_nll += result["nll"]
@@ -588,10 +813,13 @@ class Trainer:
                             "elapsed": self.state.elapsed + now - started,
                             "skipped_updates": self.state.skipped_updates,
                         }
-                        self.metrics.write("train", stats)
+                        if self.scaler is not None:
+                            stats["loss_scale"] = self.scaler.get_scale()
+                        if self.metrics is not None:
+                            self.metrics.write("train", stats)
                         self.reporter.progress(stats)
                         window_tokens, window_nll, window_start = 0, 0.0, now
-                    if self._stop_signal is not None:
+                    if self._stop_requested():
                         break
                     if c.valid_every and step % c.valid_every == 0:
                         self.validate()
@@ -601,10 +829,10 @@ class Trainer:
                     elif c.save_every and step % c.save_every == 0:
                         self.save()
                         self._save_step_checkpoint()
-                    reason = reason or self._limits_reached(started)
+                    reason = reason or self._limits_reached()
                     if reason is not None:
                         break
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self.state.elapsed += time.time() - started
                     self.save()
                     raise TrainingInterrupted(self.last_path, self.state.step)
@@ -615,7 +843,7 @@ class Trainer:
                         reason = reason or self._stop_after_validation()
                         self.save()
                         self._save_step_checkpoint()
-                    reason = reason or self._limits_reached(started)
+                    reason = reason or self._limits_reached()
             if not self._validated_now():
                 self.validate()
             self.state.elapsed += time.time() - started
@@ -623,8 +851,9 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.metrics.close()
-        plot = c.plot and plot_curves(self.metrics.path, c.save_dir / "training.png")
+            if self.metrics is not None:
+                self.metrics.close()
+        plot = main and c.plot and plot_curves(self.metrics.path, c.save_dir / "training.png")
         summary = {"reason": reason, "step": self.state.step, "epoch": self.state.epoch,
                    "best_valid_loss": self.state.best_valid_loss,
                    "best_valid_ppl": math.exp(min(self.state.best_valid_loss, 50.0)),

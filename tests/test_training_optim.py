@@ -103,11 +103,11 @@ def test_nan_updates_are_skipped_then_stop_the_run_with_the_good_state_saved(bin
     trainer = _trainer(bin_dir, tmp_path, max_steps=50, max_bad_updates=3, save_every=2)
     original_step = trainer.train_step
 
-    def poisoned(batches):  # from the third update on, the model's output turns to nan
+    def poisoned(batches, *rest):  # from the third update on, the model's output turns to nan
         if trainer.state.step >= 2:
             trainer.model.register_forward_hook(lambda m, i, out: out * float("nan"))
             trainer.train_step = original_step
-        return original_step(batches)
+        return original_step(batches, *rest)
 
     trainer.train_step = poisoned
     with pytest.raises(TrainingDiverged, match="3 updates in a row"):
