@@ -1,68 +1,101 @@
-"""Translation speed: sentences/s and target pieces/s, decode-only and whole process.
+"""Translation speed: sentences/s and target pieces/s, decode-only and whole process, with
+BLEU and peak memory, for fp32, int8 and bf16 search.
 
     python benchmarks/translate_speed.py CHECKPOINT SOURCE REFERENCE [--runs 3] [--threads 2]
+        [--variants greedy beam5 beam5-int8 beam5-bf16] [--device cpu]
 
-For each setting (greedy, beam 5) it measures, as medians over `--runs` runs:
-  decode-only    Translator.translate over all lines, model already loaded (spm encode,
-                 search, spm decode included; imports and checkpoint load excluded);
-  whole process  `rnmt translate` as a user runs it (`< SOURCE > out`): interpreter start,
-                 imports, checkpoint load and translation; with the child's peak RSS.
-and the BLEU of the output (sacreBLEU, default 13a tokenisation) against REFERENCE.
+e.g. the Multi30k reference model on test_2016_flickr (benchmarks/multi30k_reference.sh):
+
+    python benchmarks/translate_speed.py work/m30k/run/best.pt \\
+        work/m30k/spm/raw/test.de work/m30k/spm/raw/test.en --runs 3
+
+For each variant, as medians over `--runs` runs, the runs of all variants interleaved (so a
+busy machine slows every variant alike):
+  decode-only    `Translator.nbest` over all lines, model already loaded (spm encode, search,
+                 spm decode included; imports and checkpoint load excluded);
+  whole process  `rnmt translate < SOURCE > out` as a user runs it: interpreter start,
+                 imports, checkpoint load (and int8 packing) and translation, with the peak
+                 RSS of the child (the largest over the runs);
+  start-up       the whole process on a one-line input;
+and the BLEU of the output (sacreBLEU, 13a, cased) against REFERENCE. The whole-process
+output must equal the decode-only output; a difference is reported on stderr.
+Target pieces count `</s>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"greedy": ["--beam", "1"], "beam5": ["--beam", "5"]}
+# name: (beam, precision, quantize)
+VARIANTS: dict[str, tuple[int, str, str]] = {
+    "greedy": (1, "fp32", "none"),
+    "beam5": (5, "fp32", "none"),
+    "beam5-int8": (5, "fp32", "int8"),
+    "beam5-bf16": (5, "bf16", "none"),
+    "greedy-int8": (1, "fp32", "int8"),
+    "greedy-bf16": (1, "bf16", "none"),
+    "beam5-fp16": (5, "fp16", "none"),
+    "greedy-fp16": (1, "fp16", "none"),
+}
+DEFAULT_VARIANTS = ["greedy", "beam5", "beam5-int8", "beam5-bf16"]
 
 
-def decode_only(checkpoint: Path, lines: list[str], beam: int, batch_size: int, runs: int
-                ) -> tuple[float, int, list[str]]:
-    """Median seconds, target pieces (</s> included) and the outputs."""
-    from rnmt.search import SearchConfig
-    from rnmt.translator import Translator
-
-    translator = Translator.load(checkpoint, SearchConfig(beam=beam), device="cpu",
-                                 batch_size=batch_size, buffer_size=len(lines) or 1)
-    times, outputs, pieces = [], [], 0
-    for _ in range(runs):
-        start = time.perf_counter()
-        best = [t[0] for t in translator.nbest(lines)]
-        times.append(time.perf_counter() - start)
-        outputs = [t.text for t in best]
-        pieces = sum(len(t.pieces) + 1 for t in best)
-    return statistics.median(times), pieces, outputs
+@dataclass
+class Measured:
+    decode: list[float] = field(default_factory=list)
+    whole: list[float] = field(default_factory=list)
+    startup: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    pieces: int = 0
+    outputs: list[str] = field(default_factory=list)
 
 
-def whole_process(checkpoint: Path, source: Path, args: list[str], threads: int,
-                  batch_size: int, runs: int) -> tuple[float, float]:
-    """Median wall seconds and the largest peak RSS (MB) of `rnmt translate` runs."""
-    rnmt = [sys.executable, "-m", "rnmt_cli.main"]
+def cli_args(beam: int, precision: str, quantize: str, args: argparse.Namespace) -> list[str]:
+    return ["--beam", str(beam), "--precision", precision, "--quantize", quantize,
+            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+            "--device", args.device]
+
+
+def run_cli(checkpoint: Path, source: Path, options: list[str], threads: int
+            ) -> tuple[float, float, list[str]]:
+    """One `rnmt translate` process: wall seconds, peak RSS (MB) and its output lines."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    times, peak = [], 0.0
-    for _ in range(runs):
-        with open(source, "rb") as stdin, tempfile.TemporaryFile() as out:
-            start = time.perf_counter()
-            proc = subprocess.Popen(
-                rnmt + ["translate", "-m", str(checkpoint), *args, "--batch-size",
-                        str(batch_size), "--threads", str(threads), "--device", "cpu"],
-                stdin=stdin, stdout=out, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
-            times.append(time.perf_counter() - start)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                raise SystemExit(f"rnmt translate failed with exit code {proc.returncode}")
-            peak = max(peak, usage.ru_maxrss / 1024)  # Linux reports KiB
-    return statistics.median(times), peak
+    command = [sys.executable, "-m", "rnmt_cli.main", "translate", "-m", str(checkpoint),
+               *options]
+    with open(source, "rb") as stdin, tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdin=stdin, stdout=out, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"rnmt translate {' '.join(options)} failed")
+        out.seek(0)
+        lines = out.read().decode("utf-8").splitlines()
+    return seconds, usage.ru_maxrss / 1024, lines  # Linux reports KiB
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, torch {torch.__version__}, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def main() -> None:
@@ -74,34 +107,72 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                        help="which settings to measure")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        choices=list(VARIANTS), help="what to measure")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import sacrebleu
     import torch
 
+    from rnmt.search import SearchConfig
+    from rnmt.translator import Translator
+
     torch.set_num_threads(args.threads)
     lines = args.source.read_text("utf-8").splitlines()
     refs = args.reference.read_text("utf-8").splitlines()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as one:
+        one.write(lines[0] + "\n")
     print(f"{len(lines)} sentences, {args.threads} threads, batch {args.batch_size}, "
-          f"median of {args.runs} runs, torch {torch.__version__}", file=sys.stderr)
-    rows = []
-    for name in args.settings:
-        beam = int(SETTINGS[name][1])
-        seconds, pieces, outputs = decode_only(args.checkpoint, lines, beam, args.batch_size,
-                                               args.runs)
-        whole, peak = whole_process(args.checkpoint, args.source, SETTINGS[name], args.threads,
-                                    args.batch_size, args.runs)
-        bleu = sacrebleu.corpus_bleu(outputs, [refs]).score
-        rows.append((name, len(lines) / seconds, pieces / seconds, len(lines) / whole,
-                     pieces / whole, peak, bleu))
-    print("| setting | decode-only sent/s | decode-only tok/s | whole-process sent/s "
-          "| whole-process tok/s | peak RSS MB | BLEU |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, s, t, ws, wt, peak, bleu in rows:
-        print(f"| {name} | {s:.1f} | {t:.0f} | {ws:.1f} | {wt:.0f} | {peak:.0f} | {bleu:.2f} |")
+          f"median of {args.runs} runs; {machine()}", file=sys.stderr)
+
+    translators = {}
+    for name in args.variants:
+        beam, precision, quantize = VARIANTS[name]
+        translators[name] = Translator.load(args.checkpoint, SearchConfig(beam=beam),
+                                            device=args.device, batch_size=args.batch_size,
+                                            buffer_size=max(1, len(lines)),
+                                            precision=precision, quantize=quantize)
+    results = {name: Measured() for name in args.variants}
+    cuda = args.device.startswith("cuda")
+    for run in range(args.runs):
+        for name, translator in translators.items():
+            m = results[name]
+            start = time.perf_counter()
+            best = [t[0] for t in translator.nbest(lines)]
+            if cuda:
+                torch.cuda.synchronize()
+            m.decode.append(time.perf_counter() - start)
+            m.outputs = [t.text for t in best]
+            m.pieces = sum(len(t.pieces) + 1 for t in best)
+            options = cli_args(*VARIANTS[name], args)
+            seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options, args.threads)
+            m.whole.append(seconds)
+            m.peak_mb = max(m.peak_mb, peak)
+            if cli_out != m.outputs:
+                print(f"{name}: the CLI output differs from the decode-only output on "
+                      f"{sum(a != b for a, b in zip(cli_out, m.outputs))} lines",
+                      file=sys.stderr)
+            m.startup.append(run_cli(args.checkpoint, Path(one.name), options, args.threads)[0])
+            print(f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s, whole "
+                  f"{seconds:.2f} s, start-up {m.startup[-1]:.2f} s", file=sys.stderr)
+    os.unlink(one.name)
+
+    base = results.get("beam5")
+    print("| variant | decode-only sent/s | decode-only tok/s | whole-process sent/s "
+          "| whole-process tok/s | start-up s (1 line) | peak RSS MB | BLEU |"
+          + (" decode-only vs beam5 |" if base else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if base else ""))
+    for name, m in results.items():
+        decode, whole = statistics.median(m.decode), statistics.median(m.whole)
+        bleu = sacrebleu.corpus_bleu(m.outputs, [refs]).score
+        row = (f"| {name} | {len(lines) / decode:.1f} | {m.pieces / decode:.0f} "
+               f"| {len(lines) / whole:.1f} | {m.pieces / whole:.0f} "
+               f"| {statistics.median(m.startup):.2f} | {m.peak_mb:.0f} | {bleu:.2f} |")
+        if base:
+            row += f" {statistics.median(base.decode) / decode:.2f}× |"
+        print(row)
 
 
 if __name__ == "__main__":

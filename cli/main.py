@@ -6,24 +6,24 @@ Exit codes: 0 success; 2 bad input, file or option (one line on stderr); 130 int
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import typer
 
 from rnmt.errors import RnmtError
-from rnmt_cli import average, preprocess, score, train, translate
 
-app = typer.Typer(
-    name="rnmt",
-    help="Neural machine translation with recurrent networks.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# name -> one-line summary; the function `name` of module `rnmt_cli.name` runs it.
+COMMANDS = {
+    "preprocess": "Learn sentencepiece vocabularies and binarise a corpus.",
+    "train": "Train a model on a preprocessed corpus.",
+    "translate": "Translate stdin to stdout, one line in, one line out.",
+    "score": "Score translations (BLEU, chrF, TER) and models.",
+    "average": "Average the parameters of several checkpoints into one.",
+}
 
 
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,18 +49,36 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-for name, function, summary in (
-    ("preprocess", preprocess.preprocess, "Learn sentencepiece vocabularies and binarise a corpus."),
-    ("train", train.train, "Train a model on a preprocessed corpus."),
-    ("translate", translate.translate, "Translate stdin to stdout, one line in, one line out."),
-    ("score", score.score, "Score translations (BLEU, chrF, TER) and models."),
-    ("average", average.average, "Average the parameters of several checkpoints into one."),
-):
-    app.command(name=name, help=summary)(guarded(function))
+def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
+    """The `rnmt` command with the subcommands `names` (their modules imported here)."""
+    app = typer.Typer(
+        name="rnmt",
+        help="Neural machine translation with recurrent networks.",
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    # A callback keeps `rnmt NAME …` a group command when only one subcommand is built.
+    app.callback()(lambda: None)
+    for name in names:
+        function = getattr(importlib.import_module(f"rnmt_cli.{name}"), name)
+        app.command(name=name, help=COMMANDS[name])(guarded(function))
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """`from rnmt_cli.main import app`: the command with every subcommand."""
+    if name == "app":
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    # Build only the subcommand being run: users pay start-up on every pipeline call, and
+    # `rnmt translate` has no use for the modules (rich, …) of preprocess and train.
+    wanted = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
+    build_app([wanted] if wanted else COMMANDS)()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 length, and model scores by forced decoding (translation pairs, LM text, n-best re-ranking).
 
 Tables go to a rich table on a terminal and to tab-separated lines when piped. The core is
-imported inside the functions: `rnmt --help` should not wait for torch.
+imported inside the functions, and metrics alone (no -m) read text with `rnmt.text`: neither
+`rnmt --help` nor `rnmt score --ref r hyp` waits for torch.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _metric_report(files: list[Path], ref: list[Path], metrics: str, tokenize: s
                    lowercase: bool, chrf_word_order: int, significance: bool, samples: int,
                    src: Path | None, by_length: bool, buckets: str, plot: Path | None,
                    errors: str, json_output: bool) -> None:
-    from rnmt.data import read_lines
+    from rnmt.text import read_lines
     from rnmt.evaluation import (MetricOptions, check_streams, compare_systems,
                                  corpus_scores, scores_by_length)
 
@@ -218,7 +219,7 @@ def _metric_report(files: list[Path], ref: list[Path], metrics: str, tokenize: s
 
 
 def _read_systems(files: list[Path], errors: str) -> list[tuple[str, list[str]]]:
-    from rnmt.data import decode_lines, read_lines
+    from rnmt.text import decode_lines, read_lines
 
     if not files:
         return [("<stdin>", decode_lines(sys.stdin.buffer.read(), "<stdin>", errors).lines)]
@@ -287,7 +288,7 @@ def _plot_by_length(report, path: Path) -> None:
 
 def _model_scores(models: list[Path], files: list[Path], ref: list[Path], src: Path | None,
                   batch_size: int, device: str, errors: str, json_output: bool) -> None:
-    from rnmt.data import decode_lines, read_lines
+    from rnmt.text import decode_lines, read_lines
     from rnmt.evaluation import check_streams
     from rnmt.scoring import ForcedScorer, perplexity
 
@@ -336,7 +337,7 @@ def _model_scores(models: list[Path], files: list[Path], ref: list[Path], src: P
 
 def _rescore(models: list[Path], nbest: Path, src: Path | None, weight: float, combine: str,
              batch_size: int, device: str, errors: str, json_output: bool) -> None:
-    from rnmt.data import read_lines
+    from rnmt.text import read_lines
     from rnmt.scoring import ForcedScorer, read_nbest, rescore_nbest
 
     candidates = read_nbest(nbest)

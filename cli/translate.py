@@ -35,6 +35,8 @@ def translate(
     batch_size: Annotated[int, typer.Option(help="Sentences per batch (sorted by length).")] = 64,
     max_tokens: Annotated[int, typer.Option(help="At most this many source pieces (padding included) per batch, so very long lines get small batches and memory stays bounded; a longer line goes alone.")] = 16000,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16: the model's numbers (log-probabilities stay fp32). On a GPU bf16/fp16 are the fast path; on a CPU bf16 pays only with AMX/AVX512-BF16 and fp16 is refused.")] = "fp32",
+    quantize: Annotated[str, typer.Option(help="none, or int8: int8 weights for the decoder's per-step layers (RNN, attention query, output layer, vocabulary projection); CPU only (--device auto picks the CPU for it), the fast CPU path.")] = "none",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
 ) -> None:
     """Translate stdin to stdout, one line in, one line out."""
@@ -67,7 +69,10 @@ def translate(
     if interactive or (input is None and sys.stdin.isatty()):
         buffer_size = 1
     translator = Translator.load(model, config, device=device, batch_size=batch_size,
-                                 buffer_size=buffer_size, max_tokens=max_tokens)
+                                 buffer_size=buffer_size, max_tokens=max_tokens,
+                                 precision=precision, quantize=quantize)
+    for warning in translator.warnings:
+        print(f"rnmt: warning: {warning}", file=sys.stderr)
     reader = LineReader(source, "<stdin>" if input is None else str(input), errors)
     sink = sys.stdout if output is None else _open(output, "w")
     index = 0

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnmt.data import pad_sentences, read_lines
+from rnmt.data import pad_sentences
 from rnmt.errors import ConfigError, DataError
+from rnmt.text import read_lines
 from rnmt.translator import LoadedModel, load_model, resolve_device
 from rnmt.vocab import BOS, EOS, PAD
 

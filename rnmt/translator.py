@@ -6,6 +6,12 @@
 Input is consumed `buffer_size` lines at a time, so a long stream never sits in memory
 and output starts before the input ends. A language-model checkpoint (arch "lm")
 continues each line instead of translating it (`--sample` or `--beam 1`).
+
+Numerics at load time (checkpoints are always fp32): `precision` bf16/fp16 casts the whole
+model (the step's log-softmax is computed in fp32 all the same, `step_log_probs`), and
+`quantize="int8"` swaps the decoder's per-step layers for int8 ones (`rnmt.quantize`, CPU
+only). The two do not combine: the int8 kernels take and give fp32, so a bf16 model around
+them would only add casts.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ from torch import Tensor, nn
 from rnmt.alignment import WORD_START, hard_alignment, pharaoh
 from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
-from rnmt.errors import CheckpointError, DataError, VocabularyMismatch
+from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
+from rnmt.quantize import check_precision, check_quantize, quantize_for_inference
 from rnmt.search import Hypothesis, SearchConfig, search_nbest
+from rnmt.text import ERROR_POLICIES, decode_line
 from rnmt.vocab import EOS, Vocabulary
 
 OUTPUT_FORMATS = ("text", "json")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Source pieces (padding included) per search batch. Search memory grows with batch ×
 # longest source × beam (encoder states and attention keys per beam row), so a few
 # sentences far longer than any in training must not share one batch with 63 others.
@@ -54,10 +63,16 @@ def length_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` = CUDA when present, else CPU."""
+    """`auto` = CUDA when present, else CPU; a device named must exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: unknown device; choose auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 @dataclass
@@ -66,6 +81,26 @@ class LoadedModel:
     src_vocab: Vocabulary
     tgt_vocab: Vocabulary
     is_language_model: bool = False
+
+
+def resolve_numerics(device: str, precision: str = "fp32", quantize: str = "none"
+                     ) -> tuple[torch.device, str | None]:
+    """The device to translate on, and a warning when it runs `precision` slowly (bf16 on a
+    CPU without bf16 matrix units). What cannot run is a ConfigError, raised before any
+    checkpoint is read; int8 on a GPU is refused from the device's name alone, and with
+    `auto` int8 picks the CPU (its kernels are CPU kernels)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose from "
+                          f"{', '.join(PRECISIONS)}")
+    if quantize == "int8" and device == "auto":
+        device = "cpu"
+    check_quantize(quantize, device)
+    if quantize == "int8" and precision != "fp32":
+        raise ConfigError(f"--quantize int8 computes in fp32 around its int8 matrix products; "
+                          f"drop --precision {precision} (or --quantize)")
+    dev = resolve_device(device)
+    warning = check_precision(precision, dev)
+    return dev, warning and warning + "; --quantize int8 is the fast CPU path"
 
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
@@ -86,15 +121,25 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     return LoadedModel(model, src_vocab, tgt_vocab, config.arch == "lm")
 
 
+def prepare_model(model: nn.Module, precision: str = "fp32", quantize: str = "none"
+                  ) -> nn.Module:
+    """The loaded fp32 model in the numerics asked for (see `resolve_numerics`)."""
+    if quantize == "int8":
+        return quantize_for_inference(model)
+    if precision != "fp32":
+        model.to(PRECISIONS[precision])
+    return model
+
+
 def load_models(paths: Sequence[str | Path], device: torch.device) -> LoadedModel:
     """One checkpoint, or several as an ensemble; members must share both vocabularies."""
-    from rnmt.models.ensemble import Ensemble
-
     if not paths:
         raise CheckpointError("no checkpoint given")
     loaded = [load_model(p, device) for p in paths]
     if len(loaded) == 1:
         return loaded[0]
+    from rnmt.models.ensemble import Ensemble
+
     first = loaded[0]
     for path, other in zip(paths[1:], loaded[1:]):
         for side in ("src_vocab", "tgt_vocab"):
@@ -170,7 +215,7 @@ class LineReader:
     """
 
     def __init__(self, stream: BinaryIO, name: str, errors: str = "replace") -> None:
-        if errors not in ("strict", "replace"):
+        if errors not in ERROR_POLICIES:
             raise ValueError(f"unknown UTF-8 error policy {errors!r}")
         self.stream, self.name, self.errors = stream, name, errors
         self.invalid_lines = 0
@@ -181,22 +226,15 @@ class LineReader:
                 raw = raw[3:]
                 if not raw:
                     return  # the stream was a byte order mark alone: no line of text
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                if self.errors == "strict":
-                    raise DataError(
-                        f"{self.name}: line {number}: invalid UTF-8 at byte {err.start} "
-                        "(use --errors replace to substitute U+FFFD)"
-                    ) from None
-                self.invalid_lines += 1
-                yield raw.decode("utf-8", errors="replace")
+            line, invalid = decode_line(raw.rstrip(b"\n"), self.name, number, self.errors)
+            self.invalid_lines += invalid
+            yield line
 
 
 class Translator:
     """Translates lines with one model or an ensemble. Blank lines give empty lines (a
-    language model instead generates from scratch for them)."""
+    language model instead generates from scratch for them). `warnings`: what the user
+    should hear about the set-up (one line each)."""
 
     def __init__(
         self,
@@ -206,6 +244,7 @@ class Translator:
         batch_size: int = 64,
         buffer_size: int = 2000,
         max_tokens: int = DEFAULT_MAX_TOKENS,
+        warnings: Sequence[str] = (),
     ) -> None:
         self.model = loaded.model
         self.src_vocab = loaded.src_vocab
@@ -216,16 +255,22 @@ class Translator:
         self.batch_size = batch_size
         self.buffer_size = max(1, buffer_size)
         self.max_tokens = max(1, max_tokens)
+        self.warnings = list(warnings)
 
     @classmethod
     def load(cls, paths: str | Path | Sequence[str | Path], config: SearchConfig,
              device: str = "auto", batch_size: int = 64, buffer_size: int = 2000,
-             max_tokens: int = DEFAULT_MAX_TOKENS) -> "Translator":
-        dev = resolve_device(device)
+             max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = "fp32",
+             quantize: str = "none") -> "Translator":
+        """Load checkpoint(s) for translation in `precision` (fp32, bf16, fp16) or with
+        `quantize="int8"` layers (CPU)."""
+        dev, warning = resolve_numerics(device, precision, quantize)
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        return cls(load_models(list(paths), dev), config, dev, batch_size, buffer_size,
-                   max_tokens)
+        loaded = load_models(list(paths), dev)
+        loaded.model = prepare_model(loaded.model, precision, quantize)
+        return cls(loaded, config, dev, batch_size, buffer_size, max_tokens,
+                   [warning] if warning else [])
 
     # --- lines in, lines out --------------------------------------------------------------
 
@@ -296,5 +341,7 @@ class Translator:
             # The input text, untouched, then the continuation (spm drops a leading space).
             space = " " if line and pieces and pieces[0].startswith(WORD_START) else ""
             text = line + space + text
-        return Translation(text, hyp.normalized, hyp.score, pieces, source_pieces,
-                           hyp.attention)
+        # On the host, in fp32 whatever the model's device and precision: alignments and
+        # plots read it there.
+        attention = None if hyp.attention is None else hyp.attention.float().cpu()
+        return Translation(text, hyp.normalized, hyp.score, pieces, source_pieces, attention)

@@ -238,3 +238,65 @@ def test_a_language_model_continues_each_line(tmp_path):
     assert out[1] != ""  # a blank line: generated from scratch
     refused = run_rnmt("translate", "-m", str(tmp_path / "lm.pt"), stdin="one two\n")
     assert refused.returncode == 2 and "--sample" in refused.stderr.decode()
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics at load time: --precision, and loading without a second copy of the weights
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_loaded_model_keeps_its_tied_and_shared_parameters_one_object(trained_checkpoint,
+                                                                        tmp_path):
+    from rnmt.models import ModelConfig, build_model
+    from rnmt.translator import load_model
+
+    vocab = load_checkpoint(trained_checkpoint)["src_vocab"]
+    size = len(vocab["pieces"])
+    config = ModelConfig(size, size, emb_dim=8, hidden_dim=8, dec_hidden_dim=8, attn_dim=8,
+                         output_dim=8, dropout=0.0, tie_embeddings=True, share_embeddings=True)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    save_checkpoint({"model_config": config.to_dict(), "model": model.state_dict(),
+                     "src_vocab": vocab, "tgt_vocab": vocab}, tmp_path / "tied.pt")
+    loaded = load_model(tmp_path / "tied.pt", torch.device("cpu")).model
+    assert loaded.generator.weight is loaded.decoder.embed.weight
+    assert loaded.encoder.embed.weight is loaded.decoder.embed.weight
+    src, lengths, tgt = torch.tensor([[5, 6, EOS]]), torch.tensor([3]), torch.tensor([[BOS, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(src, lengths, tgt), model(src, lengths, tgt))
+
+
+def test_bf16_on_the_cpu_translates_like_fp32_and_warns_without_bf16_units(trained_checkpoint,
+                                                                            sources):
+    from rnmt.quantize import cpu_has_bf16_units
+
+    stdin = "\n".join(sources[:24]) + "\n"
+    fp32 = run_rnmt("translate", "-m", str(trained_checkpoint), "--device", "cpu",
+                    "--output-format", "json", stdin=stdin, check=True)
+    bf16 = run_rnmt("translate", "-m", str(trained_checkpoint), "--device", "cpu",
+                    "--output-format", "json", "--precision", "bf16", stdin=stdin, check=True)
+    warned = b"rnmt: warning: --precision bf16 on a CPU without AMX" in bf16.stderr
+    assert warned != cpu_has_bf16_units()
+    exact = [json.loads(line) for line in fp32.stdout.decode().splitlines()]
+    approx = [json.loads(line) for line in bf16.stdout.decode().splitlines()]
+    assert len(approx) == len(exact) == 24
+    same = sum(a["translation"] == b["translation"] for a, b in zip(exact, approx))
+    assert same >= 0.8 * len(exact), f"{same} of {len(exact)} identical"
+    for a in approx:  # scores are summed in fp32; the attention rows still sum to 1
+        assert all(abs(sum(row) - 1) < 0.02 for row in a["attention"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA device"),
+    (["--precision", "fp8"], "unknown --precision 'fp8'; choose from fp32, bf16, fp16"),
+    (["--quantize", "int4"], "unknown --quantize 'int4'; choose from none, int8"),
+    (["--device", "gpu"], "--device gpu: unknown device; choose auto, cpu or cuda"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+])
+def test_a_precision_the_device_cannot_run_is_a_one_line_error(trained_checkpoint, options,
+                                                               message):
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), *options, stdin="seven\n")
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and result.stdout == b""
+    assert len(lines) == 1 and lines[0].startswith(f"rnmt: error: {message}")

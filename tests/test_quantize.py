@@ -1,0 +1,140 @@
+"""Int8 inference (`rnmt.quantize`, `rnmt translate --quantize int8`)."""
+
+from __future__ import annotations
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn.functional as F
+
+from conftest import run_rnmt
+from rnmt.data import pad_sentences
+from rnmt.models import ModelConfig, build_model
+from rnmt.models.ensemble import Ensemble
+from rnmt.nn.rnn import RNN
+from rnmt.quantize import Int8Linear, Int8Recurrent, quantize_for_inference
+from rnmt.search import SearchConfig, beam_search, greedy_search
+from rnmt.translator import Translator
+from rnmt.vocab import EOS
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).detach().norm() / exact.detach().norm())
+
+
+def test_int8_linear_is_close_to_the_float_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    x = torch.randn(3, 11, 96)  # any leading dimensions, as nn.Linear
+    y = Int8Linear.from_linear(linear)(x)
+    assert y.shape == (3, 11, 200) and y.dtype == torch.float32
+    assert _relative_error(y, F.linear(x, linear.weight, linear.bias)) < 0.02
+
+
+def test_int8_weights_are_within_half_a_step_of_the_float_weights():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 40) * torch.logspace(-3, 0, 64).unsqueeze(1)  # rows of all sizes
+    dequantized = Int8Linear(weight).dequantized_weight()
+    step = weight.abs().amax(dim=1, keepdim=True) / 127  # one scale per output row
+    assert bool(((dequantized - weight).abs() <= step / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_int8_recurrent_step_is_close_to_the_float_step(cell):
+    torch.manual_seed(2)
+    rnn = RNN(cell, 48, 64, num_layers=2).eval()
+    quantized = Int8Recurrent(rnn)
+    x = torch.randn(10, 48)
+    h = torch.randn(2, 10, 64) * 0.5
+    state = (h, torch.randn(2, 10, 64) * 0.5) if cell == "lstm" else h
+    with torch.no_grad():
+        out, new_state = rnn.step(x, state)
+        q_out, q_state = quantized.step(x, state)
+    assert _relative_error(q_out, out) < 0.04
+    parts = (lambda s: s if cell == "lstm" else (s,))  # noqa: E731
+    for exact, approx in zip(parts(new_state), parts(q_state)):
+        assert approx.shape == exact.shape
+        assert _relative_error(approx, exact) < 0.04
+
+
+def test_a_quantized_model_swaps_the_per_step_layers_and_keeps_the_encoder():
+    config = ModelConfig(src_vocab_size=40, tgt_vocab_size=30, emb_dim=16, hidden_dim=16,
+                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0,
+                         tie_embeddings=True)
+    model = quantize_for_inference(build_model(config))
+    assert isinstance(model.decoder.rnn, Int8Recurrent)
+    assert all(isinstance(m, Int8Linear) for m in (model.decoder.output, model.generator,
+                                                   model.projection,
+                                                   model.decoder.attention.query_proj))
+    assert isinstance(model.encoder.rnn, RNN)  # run once per sentence: stays fp32
+    assert isinstance(model.decoder.embed, torch.nn.Embedding)  # tied to the generator
+
+
+def test_teacher_forcing_through_a_quantized_language_model_is_close_to_fp32():
+    torch.manual_seed(3)
+    config = ModelConfig(src_vocab_size=30, tgt_vocab_size=30, arch="lm", emb_dim=16,
+                         dec_hidden_dim=32, dropout=0.0)
+    model = build_model(config).eval()
+    tokens = torch.randint(4, 30, (4, 9))
+    lengths = torch.full((4,), 9)
+    with torch.no_grad():
+        exact = model(tokens, lengths, tokens)
+        approx = quantize_for_inference(model)(tokens, lengths, tokens)
+    assert _relative_error(approx, exact) < 0.04
+
+
+def test_beam_1_is_greedy_search_under_int8(trained_checkpoint, corpus_dir):
+    translator = Translator.load(trained_checkpoint, SearchConfig(beam=1), device="cpu",
+                                 quantize="int8")
+    lines = (corpus_dir / "test.en").read_text("utf-8").splitlines()[:24]
+    ids = translator.src_vocab.encode(lines)
+    src, lengths = pad_sentences(ids, suffix=EOS)
+    config = SearchConfig(beam=1)
+    greedy = greedy_search(translator.model, src, lengths, config)
+    beam = beam_search(translator.model, src, lengths, config)
+    assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
+    for g, (b, *_) in zip(greedy, beam):
+        assert g.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_an_ensemble_is_quantized_member_by_member(trained_checkpoint):
+    translator = Translator.load([trained_checkpoint, trained_checkpoint], SearchConfig(beam=2),
+                                 device="cpu", quantize="int8")
+    assert isinstance(translator.model, Ensemble)
+    assert all(isinstance(m.decoder.rnn, Int8Recurrent) for m in translator.model.members)
+    assert all(translator.translate_lines(["one hundred twelve", "seven"]))
+
+
+def test_int8_translation_of_the_demo_is_nearly_the_fp32_translation(trained_checkpoint,
+                                                                      corpus_dir):
+    source = (corpus_dir / "test.en").read_text("utf-8")
+    refs = (corpus_dir / "test.de").read_text("utf-8").splitlines()
+    outputs = {}
+    for quantize in ("none", "int8"):
+        result = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", "5",
+                          "--device", "cpu", "--quantize", quantize, stdin=source, check=True)
+        outputs[quantize] = result.stdout.decode("utf-8").splitlines()
+    fp32, int8 = outputs["none"], outputs["int8"]
+    assert len(int8) == len(fp32) == len(refs)
+    same = sum(a == b for a, b in zip(fp32, int8))
+    assert same >= 0.9 * len(fp32), f"{same} of {len(fp32)} lines identical"
+    # One changed line of these 60 moves chrF by up to ~1.5 points.
+    chrf = [sacrebleu.corpus_chrf(out, [refs]).score for out in (fp32, int8)]
+    assert abs(chrf[0] - chrf[1]) < 2.0, chrf
+
+
+def test_int8_on_a_gpu_is_a_one_line_error(trained_checkpoint):
+    # Refused from the device name alone, before any CUDA call: testable without a GPU.
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "--device", "cuda",
+                      "--quantize", "int8", stdin="seven\n")
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and result.stdout == b""
+    assert lines == ["rnmt: error: --quantize int8 runs on the CPU only (device cuda); on a "
+                     "GPU use --precision bf16 or fp16"]
+
+
+def test_int8_with_bf16_is_refused(trained_checkpoint):
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "--device", "cpu",
+                      "--quantize", "int8", "--precision", "bf16", stdin="seven\n")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("rnmt: error: --quantize int8 computes in fp32")
