@@ -1,17 +1,18 @@
-"""Text in, batches out: reading corpora, binarised splits, token-budget batching.
+"""Ids in, batches out: binarised splits and token-budget batching.
 
-    text files ──read_lines──▶ lines ──Vocabulary.encode──▶ ids ──TokenArray──▶ disk (.npy)
-    disk ──TokenArray.load (mmap)──▶ ParallelData ──TokenBatchSampler──▶ collate ──▶ Batch
+    text lines ──Vocabulary.encode──▶ ids ──TokenArrayWriter (chunk by chunk)──▶ disk (.npy)
+    disk ──TokenArray.load──▶ ParallelData ──TokenBatchSampler──▶ collate ──▶ Batch
 
 A binarised side of a split is one flat int32 array of ids plus an int64 offsets array
-(sentence i is `ids[offsets[i]:offsets[i+1]]`), memory-mapped so a corpus larger than RAM
-can be trained on.
+(sentence i is `ids[offsets[i]:offsets[i+1]]`). Training reads the ids from disk as it
+needs them (the offsets memory-mapped, the ids by positioned reads), so a corpus larger
+than RAM can be trained on.
 """
 
 from __future__ import annotations
 
-import gzip
-import zlib
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,106 +26,64 @@ from rnmt.vocab import BOS, EOS, PAD
 
 
 # ---------------------------------------------------------------------------------------
-# Reading text
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class TextFile:
-    """The lines of a text file and how many of them held invalid UTF-8."""
-
-    lines: list[str]
-    invalid_lines: int
-
-
-def read_lines(path: str | Path, errors: str = "replace") -> TextFile:
-    """Read a plain or gzip text file as lines without their ending (`\\n` or `\\r\\n`).
-
-    `errors="strict"` stops at the first invalid UTF-8 byte with a `DataError` that names
-    the file and line; `"replace"` substitutes U+FFFD and counts the lines it touched.
-    A UTF-8 byte order mark at the start is dropped.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a text file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
-    except (EOFError, OSError, zlib.error) as err:
-        raise DataError(f"{path}: cannot read ({err})") from None
-    return decode_lines(raw, str(path), errors)
-
-
-def decode_lines(raw: bytes, name: str, errors: str = "replace") -> TextFile:
-    """Split bytes into lines and decode each as UTF-8 under the given error policy."""
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"unknown UTF-8 error policy {errors!r}")
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    chunks = raw.split(b"\n")
-    if chunks and chunks[-1] == b"":
-        chunks.pop()  # the final newline ends the last line; it does not start a new one
-    lines: list[str] = []
-    invalid = 0
-    for number, chunk in enumerate(chunks, start=1):
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-        try:
-            lines.append(chunk.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            if errors == "strict":
-                raise DataError(
-                    f"{name}: line {number}: invalid UTF-8 at byte {err.start} "
-                    "(use --errors replace to substitute U+FFFD)"
-                ) from None
-            invalid += 1
-            lines.append(chunk.decode("utf-8", errors="replace"))
-    return TextFile(lines, invalid)
-
-
-def corpus_path(prefix: str | Path, lang: str) -> Path:
-    """`corpus/train` + `de` -> `corpus/train.de`, or `corpus/train.de.gz` if only that exists."""
-    plain = Path(f"{prefix}.{lang}")
-    gz = Path(f"{prefix}.{lang}.gz")
-    if not plain.exists() and gz.exists():
-        return gz
-    return plain
-
-
-def read_parallel(
-    src_path: Path, tgt_path: Path, errors: str = "replace"
-) -> tuple[TextFile, TextFile]:
-    """Both sides of a parallel split; unequal line counts are a `DataError`."""
-    src, tgt = read_lines(src_path, errors), read_lines(tgt_path, errors)
-    if len(src.lines) != len(tgt.lines):
-        raise DataError(
-            f"parallel files differ in length: {src_path} has {len(src.lines)} lines, "
-            f"{tgt_path} has {len(tgt.lines)}"
-        )
-    return src, tgt
-
-
-# ---------------------------------------------------------------------------------------
 # Binarised token arrays
 # ---------------------------------------------------------------------------------------
 
 
-class TokenArray:
-    """Sentences of ids as one flat array plus offsets; `arr[i]` is sentence i's ids."""
+class IdsOnDisk:
+    """The flat id array of an `.npy` file, read a slice at a time with positioned reads.
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray) -> None:
+    Not memory-mapped: a mapping counts every page of it that training touched as resident
+    memory of the process (and the kernel maps up to 64 KB around each page fault), so a
+    run's resident memory would grow towards the size of the corpus. Read this way, the
+    corpus stays in the kernel's page cache and the process holds the current batch only.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._file = open(self.path, "rb")
+        try:
+            version = np.lib.format.read_magic(self._file)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(self._file)
+        except ValueError:
+            self._file.close()
+            raise
+        self._start = self._file.tell()
+        self.dtype = dtype
+        self._length = shape[0] if len(shape) == 1 else -1
+        size = os.fstat(self._file.fileno()).st_size
+        if self._length < 0 or self._start + self._length * dtype.itemsize > size:
+            self._file.close()
+            raise ValueError(f"{self.path}: not a complete flat array")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        start, stop = int(span.start), int(span.stop)
+        size = self.dtype.itemsize
+        raw = os.pread(self._file.fileno(), (stop - start) * size, self._start + start * size)
+        return np.frombuffer(raw, dtype=self.dtype)
+
+
+class TokenArray:
+    """Sentences of ids as one flat array plus offsets; `arr[i]` is sentence i's ids.
+
+    Loaded from disk, the offsets are memory-mapped (8 bytes per sentence, read once for
+    the lengths) and the ids read per sentence (`IdsOnDisk`).
+    """
+
+    def __init__(self, ids: np.ndarray | IdsOnDisk, offsets: np.ndarray) -> None:
         self.ids = ids
         self.offsets = offsets
 
     @classmethod
     def from_sentences(cls, sentences: Sequence[np.ndarray]) -> "TokenArray":
+        """An in-memory array of a few sentences (a corpus is written by TokenArrayWriter)."""
         lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
         offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -135,15 +94,13 @@ class TokenArray:
         )
         return cls(ids, offsets)
 
-    def save(self, prefix: Path) -> None:
-        np.save(f"{prefix}.ids.npy", self.ids)
-        np.save(f"{prefix}.offsets.npy", self.offsets)
-
     @classmethod
     def load(cls, prefix: Path) -> "TokenArray":
         try:
-            ids = np.load(f"{prefix}.ids.npy", mmap_mode="r")
+            ids = IdsOnDisk(f"{prefix}.ids.npy")
             offsets = np.load(f"{prefix}.offsets.npy", mmap_mode="r")
+            if len(offsets) == 0 or offsets[-1] > len(ids):
+                raise ValueError("the offsets point past the ids")
         except FileNotFoundError as err:
             raise DataError(f"missing binarised data: {err.filename}") from None
         except ValueError as err:
@@ -158,7 +115,64 @@ class TokenArray:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Sentence lengths, int32: 4 bytes per sentence, without an int64 copy on the way."""
+        lengths = np.empty(len(self), dtype=np.int32)
+        np.subtract(self.offsets[1:], self.offsets[:-1], out=lengths, casting="unsafe")
+        return lengths
+
+
+class TokenArrayWriter:
+    """Writes `prefix.ids.npy` and `prefix.offsets.npy` from chunks of sentences, holding
+    none of them: ids and offsets are appended to temporary raw files and each becomes an
+    `.npy` file (header, then the raw bytes copied) on `close`, so binarising a corpus needs
+    memory for one chunk, not for the corpus. Used as a context manager; on an exception
+    the temporary files are removed and no `.npy` file is written.
+    """
+
+    def __init__(self, prefix: Path) -> None:
+        self.prefix = prefix
+        self.sentences = 0
+        self.n_ids = 0
+        self._ids = open(f"{prefix}.ids.npy.tmp", "wb")
+        self._offsets = open(f"{prefix}.offsets.npy.tmp", "wb")
+        np.zeros(1, np.int64).tofile(self._offsets)
+
+    def append(self, sentences: Sequence[np.ndarray]) -> None:
+        if not len(sentences):
+            return
+        lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        np.concatenate(sentences).astype(np.int32, copy=False).tofile(self._ids)
+        ends = np.cumsum(lengths)
+        ends += self.n_ids
+        ends.tofile(self._offsets)
+        self.sentences += len(sentences)
+        self.n_ids = int(ends[-1])
+
+    def close(self) -> None:
+        for raw, dtype, count in ((self._ids, np.int32, self.n_ids),
+                                  (self._offsets, np.int64, self.sentences + 1)):
+            raw.close()
+            final = raw.name.removesuffix(".tmp")
+            with open(final, "wb") as out, open(raw.name, "rb") as data:
+                np.lib.format.write_array_header_1_0(out, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False, "shape": (count,)})
+                shutil.copyfileobj(data, out, 1 << 24)
+            Path(raw.name).unlink()
+
+    def discard(self) -> None:
+        for raw in (self._ids, self._offsets):
+            raw.close()
+            Path(raw.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> "TokenArrayWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
 
 
 @dataclass
@@ -256,10 +270,15 @@ class TokenBatchSampler:
         seed: int = 1,
         shuffle: bool = True,
     ) -> None:
-        self.src_lengths = np.asarray(src_lengths, dtype=np.int64) + 1  # + </s>
-        self.tgt_lengths = (
-            self.src_lengths if tgt_lengths is None else np.asarray(tgt_lengths, np.int64) + 1
-        )
+        # int32 (+ </s>): these and one epoch's order are all the sampler keeps per pair,
+        # 12 bytes, so resident memory stays small however many lines the corpus has.
+        self.src_lengths = np.array(src_lengths, dtype=np.int32)
+        self.src_lengths += 1
+        if tgt_lengths is None:
+            self.tgt_lengths = self.src_lengths
+        else:
+            self.tgt_lengths = np.array(tgt_lengths, dtype=np.int32)
+            self.tgt_lengths += 1
         self.max_tokens = max_tokens
         self.max_sentences = max_sentences or len(self.src_lengths) or 1
         self.seed = seed
@@ -271,26 +290,35 @@ class TokenBatchSampler:
         """All batches of one epoch, in the order they are trained."""
         rng = np.random.default_rng(self.seed + epoch)
         n = len(self.src_lengths)
-        tie = rng.permutation(n) if self.shuffle else np.arange(n)
-        order = np.lexsort((tie, self.src_lengths, self.tgt_lengths))
-        batches: list[np.ndarray] = []
-        start = 0
-        longest = 0
-        for pos, i in enumerate(order):
-            longest_if_added = max(longest, self.src_lengths[i], self.tgt_lengths[i])
-            size = pos - start + 1
-            if pos > start and (
-                size * longest_if_added > self.max_tokens or size > self.max_sentences
-            ):
-                batches.append(order[start:pos])
-                start = pos
-                longest_if_added = max(self.src_lengths[i], self.tgt_lengths[i])
-            longest = longest_if_added
-        if start < n:
-            batches.append(order[start:])
+        index = np.int32 if n < 2**31 else np.int64
+        tie = rng.permutation(np.arange(n, dtype=index)) if self.shuffle else np.arange(n)
+        order = np.lexsort((tie, self.src_lengths, self.tgt_lengths)).astype(index)
+        del tie
+        bounds = self._cut(np.maximum(self.src_lengths, self.tgt_lengths)[order])
+        batches = [order[a:b] for a, b in zip(bounds, bounds[1:])]
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         return batches
+
+    def _cut(self, longest: np.ndarray) -> list[int]:
+        """Batch boundaries in sorted order: each batch takes sentences while
+        `size * running max of longest` stays within `max_tokens` and `size` within
+        `max_sentences` (its first sentence always, even one over the budget).
+
+        One vectorised test per batch, not per sentence: no batch starting with a sentence
+        of length L holds more than `max_tokens // L` of them (the running max only grows),
+        so the first size that breaks a limit lies within that window.
+        """
+        bounds, start, n = [0], 0, len(longest)
+        while start < n:
+            window = min(self.max_tokens // int(longest[start]), self.max_sentences) + 1
+            running = np.maximum.accumulate(longest[start : start + window])
+            sizes = np.arange(1, len(running) + 1, dtype=np.int64)
+            over = (sizes * running > self.max_tokens) | (sizes > self.max_sentences)
+            over[0] = False
+            start += int(np.argmax(over)) if over.any() else len(running)
+            bounds.append(start)
+        return bounds
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Batches from the current position to the end of the epoch, then the next epoch."""

@@ -14,15 +14,20 @@ A monolingual corpus (`mono=True`, for a language model) has one language: meta.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rnmt.data import ParallelData, TokenArray, corpus_path, read_lines, read_parallel
+from rnmt.data import ParallelData, TokenArray, TokenArrayWriter
 from rnmt.errors import DataError
+from rnmt.text import TextLines, corpus_path
 from rnmt.vocab import Vocabulary, train_sentencepiece
 
 META = "meta.json"
+CHUNK_LINES = 50_000  # lines encoded and written at a time: memory for a chunk, not a corpus
 
 
 @dataclass
@@ -63,7 +68,13 @@ class PreprocessReport:
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessReport:
-    """Read all splits, learn the vocabularies on train, write the binarised corpus."""
+    """Read all splits, learn the vocabularies on train, write the binarised corpus.
+
+    The text is streamed: one pass checks every file (readable, UTF-8 under the policy,
+    equal line counts) before anything is learnt or written, the vocabularies take one
+    more pass over train (two when sentencepiece is trained here), and binarisation one
+    over each split, chunk by chunk, so a corpus larger than memory can be preprocessed.
+    """
     c = config
     if c.model_type not in ("unigram", "bpe"):
         raise DataError(f"unknown --model-type {c.model_type!r}; choose unigram or bpe")
@@ -71,20 +82,24 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         return _preprocess_mono(c)
     if c.src_lang == c.tgt_lang:
         raise DataError(f"source and target language are both {c.src_lang!r}")
-    splits = {"train": c.train, "valid": c.valid, "test": c.test}
     texts = {}
-    for name, prefix in splits.items():
+    for name, prefix in {"train": c.train, "valid": c.valid, "test": c.test}.items():
         if prefix is None:
             continue
-        src_file, tgt_file = corpus_path(prefix, c.src_lang), corpus_path(prefix, c.tgt_lang)
-        texts[name] = read_parallel(src_file, tgt_file, c.errors)
-        if name == "train" and not texts[name][0].lines:
-            raise DataError(f"{src_file}: training data is empty")
+        src, tgt = (TextLines(corpus_path(prefix, lang), c.errors)
+                    for lang in (c.src_lang, c.tgt_lang))
+        n_src, n_tgt = src.count(), tgt.count()
+        if n_src != n_tgt:
+            raise DataError(f"parallel files differ in length: {src.path} has {n_src} lines, "
+                            f"{tgt.path} has {n_tgt}")
+        if name == "train" and n_src == 0:
+            raise DataError(f"{src.path}: training data is empty")
+        texts[name] = (src, tgt)
 
-    src_train, tgt_train = (t.lines for t in texts["train"])
-    src_vocab, tgt_vocab, spm_files = _vocabularies(c, src_train, tgt_train)
+    src_vocab, tgt_vocab, spm_files = _vocabularies(c, *texts["train"])
 
     c.out.mkdir(parents=True, exist_ok=True)
+    (c.out / META).unlink(missing_ok=True)  # written last: a failed run leaves no corpus
     for filename, proto in spm_files.items():
         (c.out / filename).write_bytes(proto)
     for lang, vocab in ((c.src_lang, src_vocab), (c.tgt_lang, tgt_vocab)):
@@ -94,27 +109,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
 
     report = PreprocessReport(vocab_sizes={c.src_lang: len(src_vocab), c.tgt_lang: len(tgt_vocab)})
     for name, (src_text, tgt_text) in texts.items():
-        src_ids = src_vocab.encode(src_text.lines, threads=c.threads)
-        tgt_ids = tgt_vocab.encode(tgt_text.lines, threads=c.threads)
-        split = SplitReport(name, len(src_ids), len(src_ids),
-                            invalid_utf8_lines=src_text.invalid_lines + tgt_text.invalid_lines)
-        if name == "train":  # valid and test are never filtered: every line gets scored
-            keep = []
-            for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
-                if len(s) == 0 or len(t) == 0:
-                    split.empty += 1
-                elif len(s) > c.max_len or len(t) > c.max_len:
-                    split.too_long += 1
-                else:
-                    keep.append(i)
-            src_ids = [src_ids[i] for i in keep]
-            tgt_ids = [tgt_ids[i] for i in keep]
-            split.kept = len(keep)
-            if not keep:
-                raise DataError("no training pair is left after filtering")
-        TokenArray.from_sentences(src_ids).save(c.out / f"{name}.{c.src_lang}")
-        TokenArray.from_sentences(tgt_ids).save(c.out / f"{name}.{c.tgt_lang}")
-        report.splits.append(split)
+        report.splits.append(_binarise(c, name, [
+            (src_text, src_vocab, c.out / f"{name}.{c.src_lang}"),
+            (tgt_text, tgt_vocab, c.out / f"{name}.{c.tgt_lang}"),
+        ]))
 
     meta = {
         "format": "rnmt-data",
@@ -141,34 +139,26 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
     texts = {}
     for name, prefix in {"train": c.train, "valid": c.valid, "test": c.test}.items():
         if prefix is not None:
-            texts[name] = read_lines(corpus_path(prefix, lang), c.errors)
-    if not texts["train"].lines:
-        raise DataError(f"{corpus_path(c.train, lang)}: training data is empty")
+            texts[name] = TextLines(corpus_path(prefix, lang), c.errors)
+            texts[name].count()
+    if texts["train"].lines == 0:
+        raise DataError(f"{texts['train'].path}: training data is empty")
 
-    train_lines = texts["train"].lines
+    train = texts["train"]
     if c.spm_model is not None:
         proto = _read_spm(c.spm_model)
     else:
-        proto = train_sentencepiece(train_lines, c.vocab_size, c.model_type, threads=c.threads)
-    vocab = Vocabulary.build(proto, train_lines, c.threads)
+        proto = train_sentencepiece(train, c.vocab_size, c.model_type, threads=c.threads)
+    vocab = Vocabulary.build(proto, train, c.threads)
 
     c.out.mkdir(parents=True, exist_ok=True)
+    (c.out / META).unlink(missing_ok=True)
     (c.out / "spm.model").write_bytes(proto)
     (c.out / f"vocab.{lang}.json").write_text(json.dumps(vocab.pieces, ensure_ascii=False),
                                              encoding="utf-8")
     report = PreprocessReport(vocab_sizes={lang: len(vocab)})
     for name, text in texts.items():
-        ids = vocab.encode(text.lines, threads=c.threads)
-        split = SplitReport(name, len(ids), len(ids), invalid_utf8_lines=text.invalid_lines)
-        if name == "train":  # as for parallel data: only training lines are filtered
-            split.empty = sum(len(s) == 0 for s in ids)
-            split.too_long = sum(len(s) > c.max_len for s in ids)
-            ids = [s for s in ids if 0 < len(s) <= c.max_len]
-            split.kept = len(ids)
-            if not ids:
-                raise DataError("no training line is left after filtering")
-        TokenArray.from_sentences(ids).save(c.out / f"{name}.{lang}")
-        report.splits.append(split)
+        report.splits.append(_binarise(c, name, [(text, vocab, c.out / f"{name}.{lang}")]))
 
     meta = {
         "format": "rnmt-data",
@@ -187,13 +177,51 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
     return report
 
 
+def _binarise(c: PreprocessConfig, name: str,
+              sides: list[tuple[TextLines, Vocabulary, Path]]) -> SplitReport:
+    """Encode one split (one side, or two in parallel) chunk by chunk and write it.
+
+    Only train is filtered: a pair with an empty side, or a side longer than `max_len`
+    pieces, is dropped (valid and test keep every line: every line gets scored)."""
+    split = SplitReport(name, 0, 0)
+    with ExitStack() as stack:
+        writers = [stack.enter_context(TokenArrayWriter(prefix)) for _, _, prefix in sides]
+        rows = zip(*(text for text, _, _ in sides))
+        while chunk := list(itertools.islice(rows, CHUNK_LINES)):
+            ids = [vocab.encode([row[k] for row in chunk], threads=c.threads)
+                   for k, (_, vocab, _) in enumerate(sides)]
+            split.total += len(chunk)
+            if name == "train":
+                keep = []
+                for i, row_ids in enumerate(zip(*ids)):
+                    if any(len(s) == 0 for s in row_ids):
+                        split.empty += 1
+                    elif any(len(s) > c.max_len for s in row_ids):
+                        split.too_long += 1
+                    else:
+                        keep.append(i)
+                ids = [[side[i] for i in keep] for side in ids]
+            for writer, side_ids in zip(writers, ids):
+                writer.append(side_ids)
+        split.kept = writers[0].sentences
+        if name == "train" and split.kept == 0:
+            unit = "pair" if len(sides) == 2 else "line"
+            raise DataError(f"no training {unit} is left after filtering")
+    split.invalid_utf8_lines = sum(text.invalid_lines for text, _, _ in sides)
+    return split
+
+
 def _spm_name(c: PreprocessConfig, lang: str) -> str:
     return f"spm.{lang}.model" if c.separate_vocab and c.spm_model is None else "spm.model"
 
 
 def _vocabularies(
-    c: PreprocessConfig, src_train: list[str], tgt_train: list[str]
+    c: PreprocessConfig, src_train: Iterable[str], tgt_train: Iterable[str]
 ) -> tuple[Vocabulary, Vocabulary, dict[str, bytes]]:
+    """The two sides' vocabularies (one object if joined) and the sentencepiece files.
+
+    The training text is iterated (streamed), once per model learnt and once per vocabulary.
+    """
     if c.spm_model is not None:
         proto = _read_spm(c.spm_model)
         src_proto = tgt_proto = proto
@@ -202,13 +230,13 @@ def _vocabularies(
         tgt_proto = train_sentencepiece(tgt_train, c.vocab_size, c.model_type, threads=c.threads)
     else:
         src_proto = tgt_proto = train_sentencepiece(
-            src_train + tgt_train, c.vocab_size, c.model_type, threads=c.threads
+            itertools.chain(src_train, tgt_train), c.vocab_size, c.model_type, threads=c.threads
         )
     files = {_spm_name(c, c.src_lang): src_proto, _spm_name(c, c.tgt_lang): tgt_proto}
     if c.joined_dictionary:
         if src_proto != tgt_proto:
             raise DataError("--joined-dictionary needs one sentencepiece model for both sides")
-        joint = Vocabulary.build(src_proto, src_train + tgt_train, c.threads)
+        joint = Vocabulary.build(src_proto, itertools.chain(src_train, tgt_train), c.threads)
         return joint, joint, files
     return (
         Vocabulary.build(src_proto, src_train, c.threads),
@@ -237,7 +265,8 @@ def _check_spm(proto: bytes, path: Path) -> None:
 
 
 def load_data(directory: Path, split: str) -> tuple[dict, ParallelData]:
-    """The meta description of a preprocessed corpus and one of its splits (memory-mapped).
+    """The meta description of a preprocessed corpus and one of its splits (read from disk
+    as training needs it, see `TokenArray`).
 
     A monolingual split is its one side twice (the same arrays): source and target.
     """

@@ -7,9 +7,9 @@ import gzip
 import numpy as np
 import pytest
 
-from rnmt.data import (ParallelData, TokenArray, TokenBatchSampler, collate, read_lines,
-                       read_parallel)
+from rnmt.data import ParallelData, TokenArray, TokenBatchSampler, collate
 from rnmt.errors import DataError
+from rnmt.text import read_lines, read_parallel
 from rnmt.vocab import BOS, EOS, PAD
 
 

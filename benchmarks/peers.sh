@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# rnmt beside Joey NMT 2.3.0 and OpenNMT-py 3.5.1 in ONE run on this machine: the reference
+# model of ../shared/bench/README.md trained for the same wall-clock budget by each, on the
+# same raw Multi30k de->en text and the same sentencepiece model, then test_2016_flickr
+# (1000 sentences, batch 64) translated greedy and beam 5 (rnmt also beam 5 with
+# --quantize int8 and with --precision bf16), and one table of the numbers.
+#
+# Usage: benchmarks/peers.sh SECONDS [OUT]      (OUT defaults to work/peers)
+#   SECONDS  training budget of each toolkit (the shared bench uses 900)
+# Needs the peers set up once: PEERS (default ~/.cache/rnmt-peers) holding joey/, onmt/,
+# tools/ and data/ (../shared/bench/setup-peers.sh, then prep_data.py). Run nothing else
+# heavy meanwhile: the toolkits run one at a time on 2 threads each.
+#
+# The peers are driven only through ../shared/bench/ (run-train.sh, run-translate.sh,
+# collect.py; their runs go to $PEERS/runs/peers-joey and peers-onmt). rnmt gets the same
+# raw text ($PEERS/data/raw) and `rnmt preprocess --spm-model $PEERS/data/spm/spm.model`,
+# which gives it the peers' vocabularies (the pieces seen in each training side), and
+# `rnmt train --config examples/multi30k/reference.toml --max-time SECONDS/60`.
+# Budgets under 300 s log (and OpenNMT-py checkpoints) every 10 updates instead of 50, so
+# a short test still has throughput figures and an OpenNMT-py checkpoint to translate.
+#
+# Measured: training target tokens/s (real non-pad target pieces, </s> included; each
+# toolkit's own 50-update log windows, median after the first, plus a check from the log
+# timestamps), updates done, whole-process wall and peak RSS (/usr/bin/time -v);
+# translation sentences/s decode-only (each peer's own timer; rnmt's from
+# benchmarks/translate_speed.py, model already loaded) and whole process (/usr/bin/time -v,
+# one run each), peak RSS, and sacreBLEU (13a, cased, detokenised). Output:
+# OUT/table.md and OUT/table.json (benchmarks/peers_table.py), all logs under OUT.
+set -uo pipefail
+budget="${1:?usage: benchmarks/peers.sh SECONDS [OUT]}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "${2:-$root/work/peers}"; out="$(cd "${2:-$root/work/peers}" && pwd)"
+export PEERS="${PEERS:-$HOME/.cache/rnmt-peers}"
+bench="${BENCH:-$root/../shared/bench}"
+py="${PYTHON:-$root/.venv/bin/python}"
+rnmt=("$py" -m rnmt_cli.main)
+threads=2
+export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads PYTHONUNBUFFERED=1
+log() { echo "[peers $(date +%T)] $*" | tee -a "$out/run.log" >&2; }
+
+for need in "$PEERS/joey/bin/python" "$PEERS/onmt/bin/onmt_train" "$PEERS/tools/bin/python" \
+            "$PEERS/data/spm/spm.model" "$PEERS/data/raw/train.de" "$bench/run-train.sh"; do
+    [ -e "$need" ] || { echo "peers.sh: $need is missing; set up the peers first" \
+        "(../shared/bench/setup-peers.sh, then prep_data.py)" >&2; exit 2; }
+done
+: > "$out/run.log"
+log "budget ${budget}s per toolkit, out $out, $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+
+# --- configuration of a short test run --------------------------------------------------
+log_every=50; joey_cfg=""; onmt_cfg=""
+if [ "$budget" -lt 300 ]; then
+    log_every=10
+    joey_cfg="$out/joey_rnn.yaml"; onmt_cfg="$out/onmt_rnn.yaml"
+    sed -e 's/^\(  logging_freq:\).*/\1 10/' "$bench/configs/joey_rnn.yaml" > "$joey_cfg"
+    sed -e 's/^save_checkpoint_steps:.*/save_checkpoint_steps: 10/' \
+        -e 's/^report_every:.*/report_every: 10/' "$bench/configs/onmt_rnn.yaml" > "$onmt_cfg"
+fi
+
+# --- training, one toolkit at a time ----------------------------------------------------
+log "train Joey NMT"
+"$bench/run-train.sh" joey "$budget" peers-joey $joey_cfg >> "$out/run.log" 2>&1
+log "train OpenNMT-py"
+"$bench/run-train.sh" onmt "$budget" peers-onmt $onmt_cfg >> "$out/run.log" 2>&1
+
+r="$out/rnmt"; rm -rf "$r"; mkdir -p "$r"
+log "rnmt preprocess"
+"${rnmt[@]}" preprocess -s de -t en --train "$PEERS/data/raw/train" \
+    --valid "$PEERS/data/raw/val" --test "$PEERS/data/raw/test" \
+    --spm-model "$PEERS/data/spm/spm.model" --out "$r/bin" --threads $threads 2> "$r/preprocess.log"
+minutes=$("$py" -c "print($budget / 60)")
+log "train rnmt (--max-time $minutes)"
+/usr/bin/time -v -o "$r/train.time" "${rnmt[@]}" train "$r/bin" --save-dir "$r/run" \
+    --config "$root/examples/multi30k/reference.toml" --max-time "$minutes" \
+    --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
+    2> "$r/train.log"
+log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
+
+# --- translation -------------------------------------------------------------------------
+for tk in joey onmt; do
+    for beam in 1 5; do
+        log "translate $tk beam $beam"
+        "$bench/run-translate.sh" $tk $beam peers-$tk >> "$out/run.log" 2>&1
+    done
+done
+
+# rnmt variants: name, beam, extra options; a variant whose option this rnmt lacks is skipped
+help=$(COLUMNS=200 "${rnmt[@]}" translate --help 2>&1)
+variants=()
+for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16"; do
+    set -- $v
+    if [ $# -gt 2 ] && ! grep -q -- "$3" <<< "$help"; then
+        log "skip rnmt $1: rnmt translate has no $3"; continue
+    fi
+    name=$1 beam=$2; shift 2
+    variants+=("$name")
+    o="$r/translate_$name"; mkdir -p "$o"
+    log "translate rnmt $name"
+    /usr/bin/time -v -o "$o/time.txt" "${rnmt[@]}" translate -m "$r/run/last.pt" \
+        --beam "$beam" --batch-size 64 --threads $threads --device cpu "$@" \
+        < "$PEERS/data/raw/test.de" > "$o/hyp.en" 2> "$o/log.txt" \
+        || log "rnmt translate $name failed: $(tail -1 "$o/log.txt")"
+done
+log "rnmt decode-only speed (benchmarks/translate_speed.py)"
+"$py" "$root/benchmarks/translate_speed.py" "$r/run/last.pt" "$PEERS/data/raw/test.de" \
+    "$PEERS/data/raw/test.en" --runs "${TRANSLATE_RUNS:-1}" --threads $threads \
+    --batch-size 64 --variants "${variants[@]}" > "$r/translate_speed.md" 2> "$r/translate_speed.log" \
+    || log "translate_speed.py failed: $(tail -1 "$r/translate_speed.log")"
+
+# --- the table ---------------------------------------------------------------------------
+python3 "$bench/collect.py" RUN_joey=peers-joey RUN_onmt=peers-onmt > "$out/collect.txt" 2>&1 \
+    || log "collect.py failed: $(tail -1 "$out/collect.txt")"
+"$py" "$root/benchmarks/peers_table.py" --out "$out" --budget "$budget" \
+    --command "benchmarks/peers.sh $budget" | tee "$out/table.md"
+log "done: $out/table.md, $out/table.json"

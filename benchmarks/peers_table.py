@@ -1,0 +1,218 @@
+"""The table of benchmarks/peers.sh: rnmt beside Joey NMT and OpenNMT-py, from one run's files.
+
+    python benchmarks/peers_table.py --out OUT [--budget SECONDS] [--command TEXT]
+
+Reads OUT/collect.txt (../shared/bench/collect.py's table and JSON for the peers' runs),
+OUT/rnmt/ (metrics.jsonl and logs of `rnmt train`, /usr/bin/time -v of training and of each
+translation, OUT/rnmt/translate_speed.md for decode-only speed) and the reference
+translations in $PEERS/data/raw/test.en; prints a markdown table with rnmt ÷ OpenNMT-py
+ratios and writes it, with every number, to OUT/table.json.
+
+rnmt's training throughput is read the way collect.py reads the peers': the median of the
+log windows after the first (target tokens/s, </s> included, no padding), and as a check
+the tokens of all windows after the first over the time they took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+from pathlib import Path
+
+import sacrebleu
+
+PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache" / "rnmt-peers"))
+NAMES = {"joey": "Joey NMT 2.3.0", "onmt": "OpenNMT-py 3.5.1", "rnmt": "rnmt"}
+VARIANTS = {"greedy": "greedy", "beam5": "beam 5", "beam5-int8": "beam 5, rnmt --quantize int8",
+            "beam5-bf16": "beam 5, rnmt --precision bf16"}
+PEER_BEAM = {"greedy": "b1", "beam5": "b5"}
+
+
+def time_v(path: Path) -> dict:
+    """Wall seconds and peak RSS (MB) from a `/usr/bin/time -v` report."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        key, _, value = line.strip().rpartition(": ")
+        if key.startswith("Elapsed (wall clock)"):
+            seconds = 0.0
+            for part in value.split(":"):
+                seconds = seconds * 60 + float(part)
+            out["wall_s"] = seconds
+        elif key == "Maximum resident set size (kbytes)":
+            out["rss_mb"] = int(value) / 1024
+        elif key == "Exit status":
+            out["exit"] = int(value)
+    return out
+
+
+def peers(out: Path) -> dict[str, dict]:
+    """The peers' numbers from collect.py's JSON (printed after its markdown table)."""
+    path = out / "collect.txt"
+    text = path.read_text() if path.exists() else ""
+    start = text.find("\n{")
+    if start < 0:
+        return {}
+    collected = json.loads(text[start + 1 :])
+    result = {}
+    for tk, r in collected.items():
+        own = r.get("own_tok_s_per_full_epoch") or r.get("own_tok_s_log_timestamps")
+        if isinstance(own, list):
+            own = statistics.median(own) if own else None
+        row = {"params": r.get("params"), "train_tok_s": r.get("log_tok_s_steady_median"),
+               "train_tok_s_check": own, "updates": r.get("steps"),
+               "translated_step": r.get("final_ckpt_step"),
+               "train_wall_s": r["train_time"].get("wall_s"),
+               "train_rss_mb": r["train_time"].get("maxrss_mb")}
+        for variant, key in PEER_BEAM.items():
+            b = r.get(key) or {}
+            row[variant] = {"decode_sps": b.get("sents_per_s_decode"),
+                            "whole_sps": b.get("sents_per_s_wall"),
+                            "rss_mb": b.get("maxrss_mb"), "bleu": b.get("bleu")}
+        result[tk] = row
+    return result
+
+
+def rnmt_training(r: Path) -> dict:
+    records = []
+    metrics = r / "run" / "metrics.jsonl"
+    if metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    train = [x for x in records if x.get("kind") == "train"]
+    rates = [x["tokens_per_s"] for x in train]
+    check = None
+    if len(train) > 1:  # windows after the first: tokens = rate x window duration
+        spans = [b["elapsed"] - a["elapsed"] for a, b in zip(train, train[1:])]
+        check = sum(x["tokens_per_s"] * s for x, s in zip(train[1:], spans)) / sum(spans)
+    log = (r / "train.log").read_text() if (r / "train.log").exists() else ""
+    params = re.search(r"([\d,]+) parameters", log)
+    steps = max((x.get("step", 0) for x in records), default=None)
+    timed = time_v(r / "train.time")
+    return {"params": int(params.group(1).replace(",", "")) if params else None,
+            "train_tok_s": statistics.median(rates[1:]) if len(rates) > 1 else None,
+            "train_tok_s_check": check, "updates": steps, "translated_step": steps,
+            "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb")}
+
+
+def decode_only(path: Path) -> dict[str, float]:
+    """Sentences/s decode-only per variant, from translate_speed.py's markdown table."""
+    if not path.exists():
+        return {}
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in path.read_text().splitlines() if line.startswith("|")]
+    if not rows or "variant" not in rows[0] or "decode-only sent/s" not in rows[0]:
+        return {}
+    name, speed = rows[0].index("variant"), rows[0].index("decode-only sent/s")
+    return {row[name]: float(row[speed]) for row in rows[2:] if len(row) > speed}
+
+
+def rnmt_translations(r: Path, refs: list[str]) -> dict:
+    speeds = decode_only(r / "translate_speed.md")
+    result = {}
+    for variant in VARIANTS:
+        o = r / f"translate_{variant}"
+        if not o.is_dir():
+            continue  # skipped: this rnmt lacks the variant's option
+        timed = time_v(o / "time.txt")
+        hyp = o / "hyp.en"
+        hyps = hyp.read_text(encoding="utf-8").splitlines() if hyp.exists() else []
+        ok = timed.get("exit") == 0 and len(hyps) == len(refs)
+        result[variant] = {
+            "decode_sps": speeds.get(variant),
+            "whole_sps": len(refs) / timed["wall_s"] if ok else None,
+            "rss_mb": timed.get("rss_mb") if ok else None,
+            "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2) if ok else None,
+        }
+    return result
+
+
+def fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a, b, difference: bool = False) -> str:
+    if a is None or b is None or (not difference and not b):
+        return "n/a"
+    return f"{a - b:+.2f}" if difference else f"{a / b:.2f}×"
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {os.cpu_count()} CPUs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, help="training seconds per toolkit")
+    parser.add_argument("--command", default="benchmarks/peers.sh")
+    args = parser.parse_args()
+    refs = (PEERS / "data" / "raw" / "test.en").read_text(encoding="utf-8").splitlines()
+    tk = peers(args.out)
+    tk["rnmt"] = {**rnmt_training(args.out / "rnmt"),
+                  **rnmt_translations(args.out / "rnmt", refs)}
+    columns = [t for t in ("joey", "onmt", "rnmt") if t in tk]
+    onmt = tk.get("onmt", {})
+
+    rows: list[tuple[str, list[str], str]] = []
+
+    def add(label: str, key: str, digits: int = 0, variant: str | None = None,
+            difference: bool = False) -> None:
+        def get(t: str):
+            block = tk[t].get(variant, {}) if variant else tk[t]
+            return block.get(key)
+
+        cells = [("—" if variant and variant not in tk[t] else fmt(get(t), digits))
+                 for t in columns]
+        if variant:  # int8 and bf16 beam search are compared with OpenNMT-py's fp32 beam 5
+            base = onmt.get("beam5" if variant.startswith("beam5") else variant, {})
+        else:
+            base = onmt
+        rows.append((label, cells, ratio(get("rnmt"), base.get(key), difference)))
+
+    add("parameters", "params")
+    add("training: target tokens/s (median of log windows)", "train_tok_s")
+    add("training: target tokens/s (check: log timestamps)", "train_tok_s_check")
+    add("training: updates in the budget", "updates")
+    add("training: whole process, s", "train_wall_s", 1)
+    add("training: peak RSS, MB", "train_rss_mb")
+    for variant, label in VARIANTS.items():
+        if variant not in tk["rnmt"] and variant not in PEER_BEAM:
+            continue
+        add(f"{label}: sentences/s decode-only", "decode_sps", 1, variant)
+        add(f"{label}: sentences/s whole process", "whole_sps", 1, variant)
+        add(f"{label}: peak RSS, MB", "rss_mb", 0, variant)
+        add(f"{label}: BLEU", "bleu", 2, variant, difference=True)
+
+    date = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    budget = f"{args.budget:g} s" if args.budget else "?"
+    print(f"Reference model, Multi30k de→en, {budget} of CPU training each (2 threads), "
+          f"test_2016_flickr (1000 sentences, batch 64); {date}, {machine()}; "
+          f"`{args.command}`. Ratio: rnmt ÷ OpenNMT-py (int8/bf16 rows against its fp32 "
+          "beam 5); BLEU: difference. sacreBLEU 13a, cased, detokenised.\n")
+    print("| | " + " | ".join(NAMES[t] for t in columns) + " | rnmt ÷ OpenNMT-py |")
+    print("|---|" + "---:|" * (len(columns) + 1))
+    for label, cells, r in rows:
+        print(f"| {label} | " + " | ".join(cells) + f" | {r} |")
+    steps = {t: tk[t].get("translated_step") for t in columns}
+    print(f"\nTranslated checkpoints (update): "
+          + ", ".join(f"{NAMES[t]} {fmt(s)}" for t, s in steps.items()))
+    (args.out / "table.json").write_text(json.dumps(
+        {"date": date, "machine": machine(), "budget_s": args.budget, "command": args.command,
+         "toolkits": tk}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
