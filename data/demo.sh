@@ -22,8 +22,9 @@ start=$(date +%s)
 
 echo
 echo "Sample translations (source | rnmt | reference):"
-paste -d '|' "$work/corpus/test.en" "$work/test.hyp.de" "$work/corpus/test.de" \
-    | head -n 8 | sed 's/|/  |  /g'
+# head on each file, not on the pipe: with pipefail, paste killed by SIGPIPE failed the demo
+paste -d '|' <(head -n 8 "$work/corpus/test.en") <(head -n 8 "$work/test.hyp.de") \
+    <(head -n 8 "$work/corpus/test.de") | sed 's/|/  |  /g'
 echo
 paste "$work/test.hyp.de" "$work/corpus/test.de" | awk -F'\t' \
     '{ n++; if ($1 == $2) same++ } END { printf "exact-match accuracy: %.1f%% (%d/%d)\n", 100*same/n, same, n }'
