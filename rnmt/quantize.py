@@ -32,16 +32,12 @@ Xeon with AMX, BLEU 24.68 against 24.76 (`benchmarks/translate_speed.py`). (So i
 quantised tensors, which `linear_prepack` still needs: that warning is silenced at packing
 time, and a torch without these ops gets a clear error instead of a crash.)
 
-`check_precision` says which reduced float precisions a device runs well (for training and
-translation alike).
-
 `reduce_range=True` quantises activations to 7 bits: fbgemm's AVX2 kernel adds pairs of
 uint8×int8 products in int16 (`vpmaddubsw`), and 2·255·127 would overflow it.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -72,30 +68,6 @@ def select_engine() -> str:
     if torch.backends.quantized.engine not in usable:
         torch.backends.quantized.engine = usable[0]
     return torch.backends.quantized.engine
-
-
-@functools.cache
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16);
-    elsewhere torch emulates bf16 GEMMs, slower than fp32."""
-    probes = [getattr(torch.cpu, name, None)
-              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe() for probe in probes if probe is not None)
-
-
-def check_precision(precision: str, device: torch.device) -> str | None:
-    """Refuse a precision the device cannot run (ConfigError); return a warning when it
-    runs but slowly: bf16 on a CPU without bf16 matrix units."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"--precision fp16 needs a CUDA device (here: {device.type}); "
-                          "use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
-                          "bfloat16 support; use fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
-        return (f"--precision bf16 on a CPU without AMX or AVX512-BF16 (this one: "
-                f"{torch.backends.cpu.get_cpu_capability()}) is emulated and slower than fp32")
-    return None
 
 
 def check_quantize(quantize: str, device: torch.device | str) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -64,6 +63,7 @@ from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
+from rnmt.precision import check_precision, cpu_has_bf16_units
 from rnmt.preprocess import load_data, load_vocabularies
 from rnmt.search import SearchConfig, search
 from rnmt.translator import resolve_device
@@ -200,29 +200,6 @@ class TrainState:
     oom_batches: int = 0  # updates skipped because the device ran out of memory
     elapsed: float = 0.0  # seconds of training before this process (resume)
     history: list[dict] = field(default_factory=list)
-
-
-@functools.cache
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16)."""
-    probes = [getattr(torch.cpu, name, None)
-              for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe() for probe in probes if probe is not None)
-
-
-def check_precision(precision: str, device: torch.device) -> str | None:
-    """Refuse a precision the device cannot run (ConfigError); return a warning when it
-    runs but slowly: bf16 on a CPU without bf16 matrix units."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"--precision fp16 needs a CUDA device (here: {device.type}); "
-                          "use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
-                          "bfloat16 support; use fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
-        return (f"--precision bf16 on a CPU without AMX or AVX512-BF16 (this one: "
-                f"{torch.backends.cpu.get_cpu_capability()}) is emulated and slower than fp32")
-    return None
 
 
 @contextlib.contextmanager

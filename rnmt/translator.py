@@ -30,7 +30,8 @@ from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
 from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
-from rnmt.quantize import check_precision, check_quantize, quantize_for_inference
+from rnmt.precision import check_precision
+from rnmt.quantize import check_quantize, quantize_for_inference
 from rnmt.search import Hypothesis, SearchConfig, search_nbest
 from rnmt.text import ERROR_POLICIES, decode_line
 from rnmt.vocab import EOS, Vocabulary

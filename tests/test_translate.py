@@ -268,7 +268,7 @@ def test_a_loaded_model_keeps_its_tied_and_shared_parameters_one_object(trained_
 
 def test_bf16_on_the_cpu_translates_like_fp32_and_warns_without_bf16_units(trained_checkpoint,
                                                                             sources):
-    from rnmt.quantize import cpu_has_bf16_units
+    from rnmt.precision import cpu_has_bf16_units
 
     stdin = "\n".join(sources[:24]) + "\n"
     fp32 = run_rnmt("translate", "-m", str(trained_checkpoint), "--device", "cpu",
