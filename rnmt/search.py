@@ -7,8 +7,10 @@
     enc = model.reorder_encoder(enc, index)        # rows dropped when sentences finish
 
 Beams only ever move within their own sentence, and every beam of a sentence shares the
-sentence's encoder output, so the (large) encoder output is re-indexed only when finished
-sentences leave the batch, never on the per-step beam shuffle.
+sentence's encoder output: the state holds m rows per sentence (its beams, consecutive),
+the encoder output one, and the model's attention reads the m rows as m queries on that
+one memory. So the (large) encoder output is never copied per beam, and re-indexed only
+when finished sentences leave the batch, never on the per-step beam shuffle.
 
 Scores: the raw score of y is Σ_t log p(y_t | y_<t, x), `</s>` included (minus
 `unk_penalty` per `<unk>`); hypotheses are ranked by raw / lp(|y|) with the GNMT length
@@ -271,8 +273,10 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
     alpha = config.length_penalty
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
+    # The encoder output stays one row per sentence (its k beams share it, see the module
+    # docstring); the state has one row per sentence until step 0 has run, since the k
+    # beams start equal.
     expand = torch.arange(n, device=device).repeat_interleave(k)
-    state, enc = model.reorder_state(state, expand), model.reorder_encoder(enc, expand)
     # Per row (beam) rather than per sentence: the mask below is applied row by row.
     max_lens = _max_lengths(src_lengths, config).to(device).repeat_interleave(k)
     src_len = src_lengths.tolist()
@@ -292,7 +296,10 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
 
     for t in range(int(max_lens.max())):
         groups = active.numel()
-        log_probs, state, attn = model.step(prev, state, enc)
+        log_probs, state, attn = model.step(prev if t else prev[:groups], state, enc)
+        if t == 0:
+            log_probs, state = log_probs[expand], model.reorder_state(state, expand)
+            attn = None if attn is None else attn[expand]
         log_probs = _mask_log_probs(log_probs, t, max_lens, config, tokens)
         vocab = log_probs.size(-1)
         candidates = (scores.unsqueeze(-1) + log_probs.view(groups, k, vocab)).view(groups, -1)
@@ -347,7 +354,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
             keep_groups = (~done).nonzero().squeeze(1)
             keep_rows = (keep_groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             state = model.reorder_state(state, keep_rows)
-            enc = model.reorder_encoder(enc, keep_rows)
+            enc = model.reorder_encoder(enc, keep_groups)
             tokens, prev = tokens[keep_rows], prev[keep_rows]
             if attns is not None:
                 attns = attns[keep_rows]

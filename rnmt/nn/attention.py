@@ -22,9 +22,10 @@ SCORES = ("bahdanau", "dot", "general", "concat")
 
 
 class Attention(nn.Module):
-    """Shapes: query (batch, [steps,] query_dim); memory (batch, src_len, memory_dim);
-    mask (batch, src_len), True at real tokens; context (batch, [steps,] memory_dim);
-    weights (batch, [steps,] src_len)."""
+    """Shapes: query (batch, steps, query_dim) or one step (batch * m, query_dim), m ≥ 1
+    rows per memory (beams of one sentence, consecutive); memory (batch, src_len,
+    memory_dim); mask (batch, src_len), True at real tokens; context (batch, steps,
+    memory_dim) or (batch * m, memory_dim); weights likewise with src_len."""
 
     def __init__(self, score: str, query_dim: int, memory_dim: int, attn_dim: int) -> None:
         super().__init__()
@@ -53,7 +54,12 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         single = query.dim() == 2
         if single:
-            query = query.unsqueeze(1)  # (batch, 1, query_dim)
+            # (batch * m, query_dim) -> (batch, m, query_dim): beam search keeps one copy of
+            # each sentence's memory for its m consecutive beams, which attend as m "steps".
+            batch = keys.size(0)
+            if query.size(0) % batch:
+                raise ValueError(f"{query.size(0)} query rows for {batch} memories")
+            query = query.view(batch, query.size(0) // batch, -1)
         if self.additive:
             # (batch, steps, 1, attn) + (batch, 1, src_len, attn) -> (batch, steps, src_len)
             hidden = torch.tanh(self.query_proj(query).unsqueeze(2) + keys.unsqueeze(1))
@@ -64,5 +70,5 @@ class Attention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         context = torch.bmm(weights, memory)
         if single:
-            return context.squeeze(1), weights.squeeze(1)
+            return context.flatten(0, 1), weights.flatten(0, 1)
         return context, weights
