@@ -68,13 +68,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and validate a checkpoint; any problem is one `CheckpointError` naming the file."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load and validate a checkpoint; any problem is one `CheckpointError` naming the file.
+    `mmap`: tensors read from the file's pages as they are used, not copied in first."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: not an rnmt checkpoint (it holds objects beyond tensors and plain "

@@ -287,7 +287,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
     scores[:, 0] = 0.0  # all beams start equal: expand only the first at step 0
     tokens = torch.zeros((n * k, 0), dtype=torch.long, device=device)
     attns: Tensor | None = None  # (rows, t, src_len), only when asked for
-    prev = torch.full((n * k,), BOS, dtype=torch.long, device=device)
+    prev = torch.full((n,), BOS, dtype=torch.long, device=device)  # k rows each after step 0
     finished: list[list[Hypothesis]] = [[] for _ in range(n)]
     # Per sentence: how many hypotheses have finished, and the k-th best normalized score
     # among them; tensors, so the stopping test below needs no Python loop over sentences.
@@ -296,7 +296,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
 
     for t in range(int(max_lens.max())):
         groups = active.numel()
-        log_probs, state, attn = model.step(prev if t else prev[:groups], state, enc)
+        log_probs, state, attn = model.step(prev, state, enc)
         if t == 0:
             log_probs, state = log_probs[expand], model.reorder_state(state, expand)
             attn = None if attn is None else attn[expand]

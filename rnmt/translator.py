@@ -106,7 +106,7 @@ def resolve_numerics(device: str, precision: str = "fp32", quantize: str = "none
 
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild a model from a checkpoint alone: no flags about its architecture needed."""
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, mmap=True)
     try:
         config = ModelConfig.from_dict(payload["model_config"])
         model = build_model(config)

@@ -61,8 +61,9 @@ class Attention(nn.Module):
                 raise ValueError(f"{query.size(0)} query rows for {batch} memories")
             query = query.view(batch, query.size(0) // batch, -1)
         if self.additive:
-            # (batch, steps, 1, attn) + (batch, 1, src_len, attn) -> (batch, steps, src_len)
-            hidden = torch.tanh(self.query_proj(query).unsqueeze(2) + keys.unsqueeze(1))
+            # (batch, steps, 1, attn) + (batch, 1, src_len, attn) -> (batch, steps, src_len).
+            # tanh in place: the sum, the largest tensor of a search step, is held only once.
+            hidden = (self.query_proj(query).unsqueeze(2) + keys.unsqueeze(1)).tanh_()
             scores = self.v(hidden).squeeze(-1)
         else:
             scores = torch.bmm(query, keys.transpose(1, 2))
