@@ -24,7 +24,8 @@ from rnmt.data import TokenBatchSampler, collate
 from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
 from rnmt.preprocess import load_data, load_vocabularies
-from rnmt.training import check_precision, precision_context, to_device, token_loss
+from rnmt.precision import PRECISIONS, check_precision
+from rnmt.training import precision_context, to_device, token_loss
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=3000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     args = parser.parse_args()
     device = torch.device(args.device)
     try:

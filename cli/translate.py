@@ -43,7 +43,8 @@ def translate(
     import torch
 
     from rnmt.search import SearchConfig
-    from rnmt.translator import OUTPUT_FORMATS, LineReader, Translator, format_translations
+    from rnmt.text import LineReader
+    from rnmt.translator import OUTPUT_FORMATS, Translator, format_translations
 
     if threads:
         torch.set_num_threads(threads)

@@ -243,10 +243,12 @@ def pad_sentences(sentences: Sequence[np.ndarray], prefix: int | None = None,
 
 def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
     """Gather sentences `indices` of a split into one padded batch (source gets `</s>`)."""
-    src, src_lengths = pad_sentences([data.src[i] for i in indices], suffix=EOS)
+    sources = [data.src[i] for i in indices]
+    src, src_lengths = pad_sentences(sources, suffix=EOS)
     tgt_in = tgt_out = None
     if data.tgt is not None:
-        targets = [data.tgt[i] for i in indices]
+        # A language model's data is one side: its sentences are read from disk once.
+        targets = sources if data.tgt is data.src else [data.tgt[i] for i in indices]
         tgt_in, _ = pad_sentences(targets, prefix=BOS)
         tgt_out, _ = pad_sentences(targets, suffix=EOS)
     return Batch(src, src_lengths, tgt_in, tgt_out, torch.tensor(list(indices), dtype=torch.long))

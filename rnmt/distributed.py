@@ -101,9 +101,7 @@ def setup(device: str = "auto") -> Distributed:
     if not 0 <= rank < world_size:
         raise ConfigError(f"RANK={rank} lies outside WORLD_SIZE={world_size}")
     kind = resolve_device(device).type
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if kind == "cuda":  # resolve_device has already refused cuda without CUDA
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} "

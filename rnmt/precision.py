@@ -8,6 +8,15 @@ import torch
 
 from rnmt.errors import ConfigError
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision_name(precision: str) -> None:
+    """A ConfigError for a name `--precision` does not know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose from "
+                          f"{', '.join(PRECISIONS)}")
+
 
 @functools.cache
 def cpu_has_bf16_units() -> bool:

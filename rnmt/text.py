@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rnmt.errors import DataError
 
@@ -79,6 +80,30 @@ def read_error(path: Path, err: Exception) -> DataError:
     return DataError(f"{path}: cannot read ({err})")
 
 
+class LineReader:
+    """Lines of a binary stream, decoded one at a time (never the whole stream at once).
+
+    `errors="strict"`: invalid UTF-8 is a DataError naming the line; `"replace"`
+    substitutes U+FFFD and counts the lines touched in `invalid_lines`.
+    """
+
+    def __init__(self, stream: BinaryIO, name: str, errors: str = "replace") -> None:
+        if errors not in ERROR_POLICIES:
+            raise ValueError(f"unknown UTF-8 error policy {errors!r}")
+        self.stream, self.name, self.errors = stream, name, errors
+        self.invalid_lines = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for number, raw in enumerate(iter(self.stream.readline, b""), start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+                if not raw:
+                    return  # the stream was a byte order mark alone: no line of text
+            line, invalid = decode_line(raw.rstrip(b"\n"), self.name, number, self.errors)
+            self.invalid_lines += invalid
+            yield line
+
+
 class TextLines:
     """The lines of a plain or gzip text file, streamed from disk on every iteration (never
     the whole file in memory) under the policy of `read_lines`, which they equal.
@@ -101,19 +126,13 @@ class TextLines:
 
     def __iter__(self) -> Iterator[str]:
         self.lines = self.invalid_lines = 0
-        name = str(self.path)
         try:
             opener = gzip.open if self.path.suffix == ".gz" else open
             with opener(self.path, "rb") as stream:
-                for raw in stream:
-                    if self.lines == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]
-                        if not raw:
-                            return  # a byte order mark alone: no line
+                reader = LineReader(stream, str(self.path), self.errors)
+                for line in reader:
                     self.lines += 1
-                    line, invalid = decode_line(raw.removesuffix(b"\n"), name, self.lines,
-                                                self.errors)
-                    self.invalid_lines += invalid
+                    self.invalid_lines = reader.invalid_lines
                     yield line
         except (EOFError, OSError, zlib.error) as err:
             raise read_error(self.path, err) from None

@@ -63,14 +63,14 @@ from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
-from rnmt.precision import check_precision, cpu_has_bf16_units
+from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
+                            cpu_has_bf16_units)
 from rnmt.preprocess import load_data, load_vocabularies
 from rnmt.search import SearchConfig, search
 from rnmt.translator import resolve_device
 from rnmt.vocab import EOS, PAD, Vocabulary
 
 METRICS = ("ppl", "bleu")
-PRECISIONS = ("fp32", "bf16", "fp16")
 # fp16 loss scaling: below this scale, an overflowing gradient is no longer the scaler's
 # business but a diverging run (fairseq's --min-loss-scale).
 MIN_LOSS_SCALE = 1e-4
@@ -124,9 +124,7 @@ class TrainConfig:
             if value is not None and value not in METRICS:
                 raise ConfigError(f"unknown --{name.replace('_', '-')} {value!r}; "
                                   f"choose from {', '.join(METRICS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown --precision {self.precision!r}; "
-                              f"choose from {', '.join(PRECISIONS)}")
+        check_precision_name(self.precision)
         if self.update_freq < 1 or self.max_tokens < 1 or self.log_every < 1:
             raise ConfigError("--update-freq, --max-tokens and --log-every must be at least 1")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -218,8 +216,7 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     if precision == "fp32":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    stack.enter_context(torch.autocast(device.type, dtype=PRECISIONS[precision]))
     if device.type == "cpu" and not cpu_has_bf16_units():
         # oneDNN has no 16-bit LSTM kernel for such a CPU ("could not create a primitive
         # descriptor"); without oneDNN, torch's own recurrent kernels run, in fp32.
@@ -397,9 +394,6 @@ class Trainer:
             self.train_data.src.lengths, self.train_data.tgt.lengths, config.max_tokens,
             config.max_sentences, seed=config.seed,
         )
-        # Target pieces per training pair (y and </s>): every rank counts the pieces of the
-        # whole update from these, without collating the other ranks' batches.
-        self.target_pieces = np.asarray(self.train_data.tgt.lengths, dtype=np.int64) + 1
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if config.precision == "fp16" else None)
         if resumed is not None:
@@ -638,7 +632,9 @@ class Trainer:
             group = batches[s.position : min(s.position + world * self.config.update_freq,
                                              usable)]
             s.position += len(group)
-            tokens = int(sum(self.target_pieces[indices].sum() for indices in group))
+            # Target pieces (y and </s>) of the whole update, from the sampler's lengths:
+            # every rank counts them without collating the other ranks' batches.
+            tokens = int(sum(s.tgt_lengths[indices].sum(dtype=np.int64) for indices in group))
             yield group[self.dist.rank :: world], tokens
         s.epoch += 1
         s.position = 0

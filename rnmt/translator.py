@@ -20,7 +20,6 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -30,14 +29,12 @@ from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
 from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
-from rnmt.precision import check_precision
+from rnmt.precision import PRECISIONS, check_precision, check_precision_name
 from rnmt.quantize import check_quantize, quantize_for_inference
 from rnmt.search import Hypothesis, SearchConfig, search_nbest
-from rnmt.text import ERROR_POLICIES, decode_line
 from rnmt.vocab import EOS, Vocabulary
 
 OUTPUT_FORMATS = ("text", "json")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Source pieces (padding included) per search batch. Search memory grows with batch ×
 # longest source × beam (encoder states and attention keys per beam row), so a few
 # sentences far longer than any in training must not share one batch with 63 others.
@@ -90,9 +87,7 @@ def resolve_numerics(device: str, precision: str = "fp32", quantize: str = "none
     CPU without bf16 matrix units). What cannot run is a ConfigError, raised before any
     checkpoint is read; int8 on a GPU is refused from the device's name alone, and with
     `auto` int8 picks the CPU (its kernels are CPU kernels)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown --precision {precision!r}; choose from "
-                          f"{', '.join(PRECISIONS)}")
+    check_precision_name(precision)
     if quantize == "int8" and device == "auto":
         device = "cpu"
     check_quantize(quantize, device)
@@ -206,30 +201,6 @@ def format_translations(index: int, translations: list[Translation], fmt: str = 
             line += "\t" + pharaoh(t.alignment())
         lines.append(line)
     return lines
-
-
-class LineReader:
-    """Lines of a binary stream, decoded one at a time (never the whole stream at once).
-
-    `errors="strict"`: invalid UTF-8 is a DataError naming the line; `"replace"`
-    substitutes U+FFFD and counts the lines touched in `invalid_lines`.
-    """
-
-    def __init__(self, stream: BinaryIO, name: str, errors: str = "replace") -> None:
-        if errors not in ERROR_POLICIES:
-            raise ValueError(f"unknown UTF-8 error policy {errors!r}")
-        self.stream, self.name, self.errors = stream, name, errors
-        self.invalid_lines = 0
-
-    def __iter__(self) -> Iterator[str]:
-        for number, raw in enumerate(iter(self.stream.readline, b""), start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-                if not raw:
-                    return  # the stream was a byte order mark alone: no line of text
-            line, invalid = decode_line(raw.rstrip(b"\n"), self.name, number, self.errors)
-            self.invalid_lines += invalid
-            yield line
 
 
 class Translator:

@@ -22,7 +22,8 @@ from conftest import run_rnmt
 from rnmt.errors import DataError
 from rnmt.preprocess import PreprocessConfig, preprocess
 from rnmt.search import SearchConfig
-from rnmt.translator import LineReader, Translator
+from rnmt.text import LineReader
+from rnmt.translator import Translator
 
 # Text users paste: any code point but surrogates (which UTF-8 cannot encode), with the
 # awkward ones made likely: controls, line/paragraph separators, BOMs, combining marks.
