@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from common import run_child
 
 RNMT = [sys.executable, "-m", "rnmt_cli.main"]
 TINY_MODEL = ["--emb-dim", "32", "--hidden-dim", "32", "--dec-hidden-dim", "64",
@@ -94,24 +93,19 @@ def run_measured(args: list[str], threads: int, log: Path) -> Usage:
     The kernel's peak RSS counts the memory-mapped corpus pages the process touched, which
     are page cache (shared, dropped under memory pressure); the private part is what the
     process itself holds, so both are reported."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1")
     anon = file = 0.0
+
+    def sample(pid: int) -> None:
+        nonlocal anon, file
+        a, f = _rss_parts(pid)
+        anon, file = max(anon, a), max(file, f)
+
     with open(log, "wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            a, f = _rss_parts(proc.pid)
-            anon, file = max(anon, a), max(file, f)
-            time.sleep(0.05)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+        run = run_child(args, threads, stdout=subprocess.DEVNULL, stderr=err,
+                        extra_env={"PYTHONUNBUFFERED": "1"}, sample=sample)
+    if run.exit_code != 0:
         raise RuntimeError(f"{' '.join(args[2:4])} failed, see {log}:\n{log.read_text()[-2000:]}")
-    return Usage(seconds, usage.ru_maxrss / 1024, anon, file)  # Linux reports KiB
+    return Usage(run.seconds, run.peak_rss_mb, anon, file)
 
 
 def learn_spm(work: Path, threads: int) -> Path:

@@ -7,6 +7,9 @@
 #
 # Usage: benchmarks/peers.sh SECONDS [OUT]      (OUT defaults to work/peers)
 #   SECONDS  training budget of each toolkit (the shared bench uses 900)
+#   TRANSLATE_ONLY=1 benchmarks/peers.sh SECONDS [OUT] skips training and translates again
+#   with the checkpoints an earlier run of the same SECONDS left (translation rows re-measured
+#   after a change to search; the training rows stay those of that earlier run).
 # Needs the peers set up once: PEERS (default ~/.cache/rnmt-peers) holding joey/, onmt/,
 # tools/ and data/ (../shared/bench/setup-peers.sh, then prep_data.py). Run nothing else
 # heavy meanwhile: the toolkits run one at a time on 2 threads each.
@@ -43,7 +46,13 @@ for need in "$PEERS/joey/bin/python" "$PEERS/onmt/bin/onmt_train" "$PEERS/tools/
     [ -e "$need" ] || { echo "peers.sh: $need is missing; set up the peers first" \
         "(../shared/bench/setup-peers.sh, then prep_data.py)" >&2; exit 2; }
 done
-: > "$out/run.log"
+translate_only="${TRANSLATE_ONLY:-0}"
+if [ "$translate_only" = 1 ]; then
+    [ -e "$out/rnmt/run/last.pt" ] || { echo "peers.sh: TRANSLATE_ONLY=1 needs an earlier" \
+        "run's checkpoints; $out/rnmt/run/last.pt is missing" >&2; exit 2; }
+else
+    : > "$out/run.log"
+fi
 log "budget ${budget}s per toolkit, out $out, $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 
 # --- configuration of a short test run --------------------------------------------------
@@ -57,23 +66,26 @@ if [ "$budget" -lt 300 ]; then
 fi
 
 # --- training, one toolkit at a time ----------------------------------------------------
-log "train Joey NMT"
-"$bench/run-train.sh" joey "$budget" peers-joey $joey_cfg >> "$out/run.log" 2>&1
-log "train OpenNMT-py"
-"$bench/run-train.sh" onmt "$budget" peers-onmt $onmt_cfg >> "$out/run.log" 2>&1
+r="$out/rnmt"
+if [ "$translate_only" != 1 ]; then
+    log "train Joey NMT"
+    "$bench/run-train.sh" joey "$budget" peers-joey $joey_cfg >> "$out/run.log" 2>&1
+    log "train OpenNMT-py"
+    "$bench/run-train.sh" onmt "$budget" peers-onmt $onmt_cfg >> "$out/run.log" 2>&1
 
-r="$out/rnmt"; rm -rf "$r"; mkdir -p "$r"
-log "rnmt preprocess"
-"${rnmt[@]}" preprocess -s de -t en --train "$PEERS/data/raw/train" \
-    --valid "$PEERS/data/raw/val" --test "$PEERS/data/raw/test" \
-    --spm-model "$PEERS/data/spm/spm.model" --out "$r/bin" --threads $threads 2> "$r/preprocess.log"
-minutes=$("$py" -c "print($budget / 60)")
-log "train rnmt (--max-time $minutes)"
-/usr/bin/time -v -o "$r/train.time" "${rnmt[@]}" train "$r/bin" --save-dir "$r/run" \
-    --config "$root/examples/multi30k/reference.toml" --max-time "$minutes" \
-    --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
-    2> "$r/train.log"
-log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
+    rm -rf "$r"; mkdir -p "$r"
+    log "rnmt preprocess"
+    "${rnmt[@]}" preprocess -s de -t en --train "$PEERS/data/raw/train" \
+        --valid "$PEERS/data/raw/val" --test "$PEERS/data/raw/test" \
+        --spm-model "$PEERS/data/spm/spm.model" --out "$r/bin" --threads $threads 2> "$r/preprocess.log"
+    minutes=$("$py" -c "print($budget / 60)")
+    log "train rnmt (--max-time $minutes)"
+    /usr/bin/time -v -o "$r/train.time" "${rnmt[@]}" train "$r/bin" --save-dir "$r/run" \
+        --config "$root/examples/multi30k/reference.toml" --max-time "$minutes" \
+        --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
+        2> "$r/train.log"
+    log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
+fi
 
 # --- translation -------------------------------------------------------------------------
 for tk in joey onmt; do
@@ -109,6 +121,8 @@ log "rnmt decode-only speed (benchmarks/translate_speed.py)"
 # --- the table ---------------------------------------------------------------------------
 python3 "$bench/collect.py" RUN_joey=peers-joey RUN_onmt=peers-onmt > "$out/collect.txt" 2>&1 \
     || log "collect.py failed: $(tail -1 "$out/collect.txt")"
+command="benchmarks/peers.sh $budget"
+[ "$translate_only" = 1 ] && command="$command (training), then TRANSLATE_ONLY=1 $command (translation)"
 "$py" "$root/benchmarks/peers_table.py" --out "$out" --budget "$budget" \
-    --command "benchmarks/peers.sh $budget" | tee "$out/table.md"
+    --command "$command" | tee "$out/table.md"
 log "done: $out/table.md, $out/table.json"

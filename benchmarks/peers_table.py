@@ -19,12 +19,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import statistics
 from pathlib import Path
 
 import sacrebleu
+from common import cpu_name
 
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache" / "rnmt-peers"))
 NAMES = {"joey": "Joey NMT 2.3.0", "onmt": "OpenNMT-py 3.5.1", "rnmt": "rnmt"}
@@ -145,12 +145,7 @@ def ratio(a, b, difference: bool = False) -> str:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} CPUs"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 
 def main() -> None:

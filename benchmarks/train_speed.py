@@ -25,7 +25,7 @@ from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
 from rnmt.preprocess import load_data, load_vocabularies
 from rnmt.precision import PRECISIONS, check_precision
-from rnmt.training import precision_context, to_device, token_loss
+from rnmt.training import precision_context, token_loss
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     rates = []
     for i, indices in enumerate(batches):
         start = time.perf_counter()
-        batch = to_device(collate(data, indices), device)
+        batch = collate(data, indices).to(device)
         with precision_context(args.precision, device):
             loss, n_tokens = token_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import cpu_name, run_child
 
 # name: (beam, precision, quantize)
 VARIANTS: dict[str, tuple[int, str, str]] = {
@@ -68,33 +68,21 @@ def cli_args(beam: int, precision: str, quantize: str, args: argparse.Namespace)
 def run_cli(checkpoint: Path, source: Path, options: list[str], threads: int
             ) -> tuple[float, float, list[str]]:
     """One `rnmt translate` process: wall seconds, peak RSS (MB) and its output lines."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "rnmt_cli.main", "translate", "-m", str(checkpoint),
                *options]
     with open(source, "rb") as stdin, tempfile.TemporaryFile() as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdin=stdin, stdout=out, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
+        run = run_child(command, threads, stdin=stdin, stdout=out)
+        if run.exit_code != 0:
             raise SystemExit(f"rnmt translate {' '.join(options)} failed")
         out.seek(0)
         lines = out.read().decode("utf-8").splitlines()
-    return seconds, usage.ru_maxrss / 1024, lines  # Linux reports KiB
+    return run.seconds, run.peak_rss_mb, lines
 
 
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, torch {torch.__version__}, CPU capability "
+    return (f"{cpu_name()}, torch {torch.__version__}, CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}")
 
 

@@ -12,7 +12,7 @@ than RAM can be trained on.
 from __future__ import annotations
 
 import os
-import shutil
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +121,29 @@ class TokenArray:
         return lengths
 
 
+NPY_HEADER_SIZE = 128  # bytes before the data: a multiple of 64, as numpy aligns it
+
+
+def npy_header(dtype: type[np.generic], count: int) -> bytes:
+    """The `.npy` (format 1.0) header of a flat array of `count` items, NPY_HEADER_SIZE
+    bytes whatever the count: the dict is padded with spaces to that size (as numpy's own
+    writer pads it), so the header can be written before the count is known and
+    rewritten in place once it is."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({count},), }}"
+    prefix = len(np.lib.format.magic(1, 0)) + 2  # magic and version, then a uint16 length
+    text = text.ljust(NPY_HEADER_SIZE - prefix - 1) + "\n"
+    return np.lib.format.magic(1, 0) + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
 class TokenArrayWriter:
     """Writes `prefix.ids.npy` and `prefix.offsets.npy` from chunks of sentences, holding
-    none of them: ids and offsets are appended to temporary raw files and each becomes an
-    `.npy` file (header, then the raw bytes copied) on `close`, so binarising a corpus needs
-    memory for one chunk, not for the corpus. Used as a context manager; on an exception
-    the temporary files are removed and no `.npy` file is written.
+    none of them: ids and offsets are appended to temporary `.npy.tmp` files after a
+    header with room for any count, and on `close` the header gets the final count and
+    each file its final name (a rename: no second pass over the corpus, and no half
+    written `.npy` under the final name), so binarising a corpus needs memory for one
+    chunk, not for the corpus. Used as a context manager; on an exception the temporary
+    files are removed and no `.npy` file is written.
     """
 
     def __init__(self, prefix: Path) -> None:
@@ -135,6 +152,8 @@ class TokenArrayWriter:
         self.n_ids = 0
         self._ids = open(f"{prefix}.ids.npy.tmp", "wb")
         self._offsets = open(f"{prefix}.offsets.npy.tmp", "wb")
+        for raw, dtype in ((self._ids, np.int32), (self._offsets, np.int64)):
+            raw.write(npy_header(dtype, 0))  # rewritten with the count on close
         np.zeros(1, np.int64).tofile(self._offsets)
 
     def append(self, sentences: Sequence[np.ndarray]) -> None:
@@ -151,14 +170,10 @@ class TokenArrayWriter:
     def close(self) -> None:
         for raw, dtype, count in ((self._ids, np.int32, self.n_ids),
                                   (self._offsets, np.int64, self.sentences + 1)):
+            raw.seek(0)
+            raw.write(npy_header(dtype, count))
             raw.close()
-            final = raw.name.removesuffix(".tmp")
-            with open(final, "wb") as out, open(raw.name, "rb") as data:
-                np.lib.format.write_array_header_1_0(out, {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                    "fortran_order": False, "shape": (count,)})
-                shutil.copyfileobj(data, out, 1 << 24)
-            Path(raw.name).unlink()
+            os.replace(raw.name, raw.name.removesuffix(".tmp"))
 
     def discard(self) -> None:
         for raw in (self._ids, self._offsets):
@@ -196,7 +211,10 @@ class Batch:
     """A padded batch. Shapes: src (batch, src_len); tgt_in/tgt_out (batch, tgt_len).
 
     `tgt_in` is `<s> y_1 … y_n` and `tgt_out` is `y_1 … y_n </s>` (teacher forcing).
-    `indices` are the sentences' positions in their split.
+    `indices` are the sentences' positions in their split. `real` (n_real,) indexes the
+    real (non-pad) positions of the flattened `tgt_out` (batch · tgt_len), in row order:
+    built on the host at collation, so that selecting them on a GPU needs no host sync
+    (a boolean mask would: its size is only known after a device-side count).
     """
 
     src: Tensor
@@ -204,20 +222,38 @@ class Batch:
     tgt_in: Tensor | None
     tgt_out: Tensor | None
     indices: Tensor
+    real: Tensor | None = None
 
     @property
     def num_tgt_tokens(self) -> int:
-        assert self.tgt_out is not None
-        return int((self.tgt_out != PAD).sum())
+        assert self.real is not None
+        return self.real.numel()
+
+    def real_targets(self) -> Tensor:
+        """The real target pieces, (n_real,), in `real`'s order."""
+        assert self.tgt_out is not None and self.real is not None
+        return self.tgt_out.view(-1).index_select(0, self.real)
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        """The batch with its id tensors on `device`. To CUDA, through pinned memory: the
+        copy then runs asynchronously (non_blocking) and the host goes on preparing the
+        next batch (from pageable memory it would wait for the copy)."""
+        pin = torch.device(device).type == "cuda"
+
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
         return Batch(
             move(self.src),
             self.src_lengths,  # lengths stay on the CPU, as pack_padded_sequence wants
             move(self.tgt_in),
             move(self.tgt_out),
             self.indices,
+            move(self.real),
         )
 
 
@@ -245,13 +281,15 @@ def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
     """Gather sentences `indices` of a split into one padded batch (source gets `</s>`)."""
     sources = [data.src[i] for i in indices]
     src, src_lengths = pad_sentences(sources, suffix=EOS)
-    tgt_in = tgt_out = None
+    tgt_in = tgt_out = real = None
     if data.tgt is not None:
         # A language model's data is one side: its sentences are read from disk once.
         targets = sources if data.tgt is data.src else [data.tgt[i] for i in indices]
         tgt_in, _ = pad_sentences(targets, prefix=BOS)
         tgt_out, _ = pad_sentences(targets, suffix=EOS)
-    return Batch(src, src_lengths, tgt_in, tgt_out, torch.tensor(list(indices), dtype=torch.long))
+        real = (tgt_out.view(-1) != PAD).nonzero().squeeze(1)
+    return Batch(src, src_lengths, tgt_in, tgt_out, torch.tensor(list(indices), dtype=torch.long),
+                 real)
 
 
 class TokenBatchSampler:
@@ -287,9 +325,23 @@ class TokenBatchSampler:
         self.shuffle = shuffle
         self.epoch = 0
         self.position = 0  # batches of the current epoch already handed out
+        # The last epoch's batches: start-up asks for epoch 0's several times (the batch
+        # count, the data-parallel check, training itself), and building them sorts the
+        # whole corpus.
+        self._cached: tuple[int, list[np.ndarray]] | None = None
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """All batches of one epoch, in the order they are trained."""
+        """All batches of one epoch, in the order they are trained. Computed once per epoch
+        and shared between calls: read them, do not modify them."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        self._cached = None  # drop the old epoch's order before sorting the new one
+        batches = self._build(epoch)
+        self._cached = (epoch, batches)
+        return batches
+
+    def _build(self, epoch: int) -> list[np.ndarray]:
+        """Epoch `epoch`'s batches, drawn from `seed + epoch` (see the class)."""
         rng = np.random.default_rng(self.seed + epoch)
         n = len(self.src_lengths)
         index = np.int32 if n < 2**31 else np.int64

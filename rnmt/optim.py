@@ -156,5 +156,6 @@ def smoothed_token_loss(logits: Tensor, target: Tensor, epsilon: float, pad: int
     keep = target != pad
     nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
     uniform = -log_probs.mean(dim=-1)
-    loss = ((1.0 - epsilon) * nll + epsilon * uniform)[keep].sum()
-    return loss, nll[keep].sum().detach()
+    # where(), not [keep]: boolean selection would wait for the device to count `keep`.
+    loss = torch.where(keep, (1.0 - epsilon) * nll + epsilon * uniform, 0.0).sum()
+    return loss, torch.where(keep, nll, 0.0).sum().detach()

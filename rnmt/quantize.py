@@ -38,13 +38,14 @@ uint8×int8 products in int16 (`vpmaddubsw`), and 2·255·127 would overflow it.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from rnmt.errors import ConfigError
-from rnmt.nn.rnn import RNN, State
+from rnmt.nn.rnn import RNN, State, step_stack
 
 QUANTIZATIONS = ("none", "int8")
 # fbgemm's x86 kernels first ("x86" is the engine that picks fbgemm or oneDNN per shape),
@@ -52,11 +53,14 @@ QUANTIZATIONS = ("none", "int8")
 ENGINES = ("x86", "fbgemm", "qnnpack")
 
 
+@functools.cache
 def select_engine() -> str:
     """Set torch's quantised engine to the best one this build supports and return it.
 
     torch dispatches `linear_prepack` on a process-wide engine setting; it is only changed
     when the current one is not among ours (the default build on x86 already uses "x86").
+    Chosen once per process (cached: nothing else sets the engine), so every `Int8Linear`
+    can ask for it; a build without the kernels raises at every call (errors are not cached).
     """
     supported = list(torch.backends.quantized.supported_engines)
     usable = [e for e in ENGINES if e in supported]
@@ -86,7 +90,8 @@ class Int8Linear(nn.Module):
     quantised per call; fp32 in, fp32 out. Shapes: x (..., in_features) -> (..., out_features).
 
     Built from an fp32 weight (out_features, in_features) and bias, packed once for the
-    kernel; the module holds no fp32 copy of the weight.
+    kernel (under the engine `select_engine` picks); the module holds no fp32 copy of the
+    weight.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
@@ -147,8 +152,6 @@ class Int8Recurrent(nn.Module):
         self.cell = rnn.cell
         self.num_layers = rnn.num_layers
         self.hidden_size = rnn.hidden_size
-        self.directions = 1
-        self.impl = "int8"  # not "fused": a decoder's training loop feeds it whole inputs
         self.gemms = nn.ModuleList()
         for k in range(rnn.num_layers):
             w_ih = getattr(rnn.layer, f"weight_ih_l{k}")
@@ -161,29 +164,19 @@ class Int8Recurrent(nn.Module):
                 bias = None if b_ih is None else b_ih + b_hh
                 self.gemms.append(Int8Linear(torch.cat([w_ih, w_hh], dim=1), bias))
 
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
-
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One time step of the whole stack (as `RNN.step`, without training dropout)."""
-        is_lstm = isinstance(state, tuple)
-        h_all, c_all = state if is_lstm else (state, None)
-        new_h, new_c = [], []
-        for k in range(self.num_layers):
-            h = h_all[k]
-            if self.cell == "lstm":
-                assert c_all is not None
-                x, c = self._lstm(k, x, h, c_all[k])
-                new_c.append(c)
-            elif self.cell == "gru":
-                x = self._gru(k, x, h)
-            else:
-                x = torch.tanh(self.gemms[k](torch.cat([x, h], dim=-1)))
-            new_h.append(x)
-        if is_lstm:
-            return x, (torch.stack(new_h), torch.stack(new_c))
-        return x, torch.stack(new_h)
+        return step_stack(self._step_layer, self.num_layers, x, state)
+
+    def _step_layer(self, k: int, x: Tensor, state: State) -> State:
+        """Layer k, one step: x (batch, input) and its state -> its new state."""
+        if self.cell == "lstm":
+            assert isinstance(state, tuple)
+            return self._lstm(k, x, *state)
+        assert isinstance(state, Tensor)
+        if self.cell == "gru":
+            return self._gru(k, x, state)
+        return torch.tanh(self.gemms[k](torch.cat([x, state], dim=-1)))
 
     def _lstm(self, k: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         gates = self.gemms[k](torch.cat([x, h], dim=-1))
@@ -204,17 +197,15 @@ class Int8Recurrent(nn.Module):
         n = torch.tanh(torch.addcmul(a[:, 2 * H :], r, b[:, 2 * H :]))
         return torch.lerp(n, h, z)  # (1 - z) ⊙ n + z ⊙ h
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None, state: State | None = None
+    def forward(self, x: Tensor, lengths: Tensor | None, state: State
                 ) -> tuple[Tensor, State]:
         """Whole sequences, step by step (teacher forcing through a quantised decoder).
         Shapes: x (batch, seq, input) -> (batch, seq, hidden). Rows are not padded inside
         the recurrence (`lengths` must be None): a decoder's padding sits after its last
-        real position, which no earlier output depends on."""
+        real position, which no earlier output depends on. `state` is required: decoders
+        start from the bridge's state, a language model from its zeros (`init_state`)."""
         if lengths is not None:
             raise ValueError("Int8Recurrent runs decoders: whole rows, no lengths")
-        if state is None:
-            zeros = x.new_zeros(self.num_layers, x.size(0), self.hidden_size, dtype=torch.float)
-            state = (zeros, zeros.clone()) if self.cell == "lstm" else zeros
         outputs = []
         for t in range(x.size(1)):
             out, state = self.step(x[:, t], state)
@@ -238,7 +229,7 @@ def quantize_for_inference(model: nn.Module) -> nn.Module:
     embedding it shares its matrix with stays fp32. The model's state dict no longer
     describes the quantised layers: save the fp32 model, quantise after loading.
     """
-    select_engine()
+    select_engine()  # a torch without int8 kernels fails here, before anything is swapped
     members = getattr(model, "members", None)
     for member in members if members is not None else [model]:
         decoder = getattr(member, "decoder", member)  # a language model is its own decoder

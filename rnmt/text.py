@@ -164,15 +164,3 @@ def corpus_path(prefix: str | Path, lang: str) -> Path:
         return gz
     return plain
 
-
-def read_parallel(
-    src_path: Path, tgt_path: Path, errors: str = "replace"
-) -> tuple[TextFile, TextFile]:
-    """Both sides of a parallel split; unequal line counts are a `DataError`."""
-    src, tgt = read_lines(src_path, errors), read_lines(tgt_path, errors)
-    if len(src.lines) != len(tgt.lines):
-        raise DataError(
-            f"parallel files differ in length: {src_path} has {len(src.lines)} lines, "
-            f"{tgt_path} has {len(tgt.lines)}"
-        )
-    return src, tgt

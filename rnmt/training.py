@@ -44,7 +44,6 @@ vocabulary as both `src_vocab` and `tgt_vocab`; its validation is perplexity onl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -224,26 +223,14 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return stack
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move a collated (CPU) batch to `device`; on CUDA through pinned memory, so the copy
-    runs asynchronously (non_blocking) and the host goes on preparing the next batch."""
-    if device.type == "cuda":
-        batch = dataclasses.replace(batch, **{
-            name: tensor.pin_memory() for name in ("src", "tgt_in", "tgt_out")
-            if (tensor := getattr(batch, name)) is not None
-        })
-    return batch.to(device)
-
-
 def batch_loss(model: Model, batch: Batch, label_smoothing: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, NLL), both summed over the real target pieces of a batch.
 
     Only real positions reach the softmax layer (`positions=`): padding costs nothing there.
     """
-    real = batch.tgt_out != PAD
-    logits = model(batch.src, batch.src_lengths, batch.tgt_in, positions=real)
-    return smoothed_token_loss(logits, batch.tgt_out[real], label_smoothing, PAD)
+    logits = model(batch.src, batch.src_lengths, batch.tgt_in, positions=batch.real)
+    return smoothed_token_loss(logits, batch.real_targets(), label_smoothing, PAD)
 
 
 def token_loss(model: Model, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -536,8 +523,8 @@ class Trainer:
         non-finite loss or gradient norm skips the update (parameters and optimizer state
         untouched). Returns nll (summed over all ranks' pieces, a float), tokens, updated,
         grad_norm. The update reads the device once (the skip decision needs the norm);
-        nothing else here waits for it, beyond the boolean selection of real target
-        positions in `batch_loss` and the model.
+        nothing else here waits for it (the real target positions come indexed from the
+        host, `Batch.real`).
         """
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
@@ -764,8 +751,7 @@ class Trainer:
             self.model.train()
             while reason is None:
                 for shares, tokens in self._update_groups():
-                    batches = [to_device(collate(self.train_data, ix), self.device)
-                               for ix in shares]
+                    batches = [collate(self.train_data, ix).to(self.device) for ix in shares]
                     result = self.train_step(batches, tokens)
                     if self.state.bad_updates >= c.max_bad_updates:
                         self._diverged()

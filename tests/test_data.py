@@ -7,9 +7,10 @@ import gzip
 import numpy as np
 import pytest
 
-from rnmt.data import ParallelData, TokenArray, TokenBatchSampler, collate
+from rnmt.data import ParallelData, TokenArray, TokenArrayWriter, TokenBatchSampler, collate
 from rnmt.errors import DataError
-from rnmt.text import read_lines, read_parallel
+from rnmt.preprocess import PreprocessConfig, preprocess
+from rnmt.text import read_lines
 from rnmt.vocab import BOS, EOS, PAD
 
 
@@ -34,8 +35,11 @@ def test_invalid_utf8_is_replaced_and_counted_or_stops_with_the_line_number(tmp_
 def test_parallel_files_of_unequal_length_name_both_files_and_counts(tmp_path):
     (tmp_path / "x.de").write_text("a\nb\nc\n")
     (tmp_path / "x.en").write_text("a\nb\n")
+    config = PreprocessConfig(src_lang="de", tgt_lang="en", out=tmp_path / "bin",
+                              train=str(tmp_path / "x"))
     with pytest.raises(DataError) as err:
-        read_parallel(tmp_path / "x.de", tmp_path / "x.en")
+        preprocess(config)  # checked before anything is learnt or written
+    assert not (tmp_path / "bin").exists()
     assert "x.de has 3 lines" in str(err.value) and "x.en has 2" in str(err.value)
 
 
@@ -73,6 +77,17 @@ def test_batches_stay_within_the_token_budget_and_epochs_differ():
     assert first != [b.tolist() for b in sampler.batches(1)]  # reshuffled
 
 
+def test_an_epochs_batches_are_built_once_and_rebuilt_the_same():
+    data = _random_data(300)
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
+    first = sampler.batches(0)
+    assert sampler.batches(0) is first  # asked again (start-up asks thrice): not re-sorted
+    other = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3).batches(1)
+    assert [b.tolist() for b in sampler.batches(1)] == [b.tolist() for b in other]
+    again = sampler.batches(0)  # after another epoch: built afresh, the same batches
+    assert again is not first and [b.tolist() for b in again] == [b.tolist() for b in first]
+
+
 def test_sampler_resumes_mid_epoch_where_it_stopped():
     data = _random_data(300)
     straight = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
@@ -94,3 +109,27 @@ def test_collate_adds_bos_and_eos_and_pads():
     assert batch.tgt_in.tolist() == [[BOS, 8, PAD, PAD], [BOS, 9, 10, 11]]
     assert batch.tgt_out.tolist() == [[8, EOS, PAD, PAD], [9, 10, 11, EOS]]
     assert batch.num_tgt_tokens == 6
+    # the real target positions, indexed on the host in row order
+    assert batch.real.tolist() == [0, 1, 4, 5, 6, 7]
+    assert batch.real_targets().tolist() == [8, EOS, 9, 10, 11, EOS]
+
+
+def test_written_token_arrays_load_with_numpy_and_with_the_loader(tmp_path):
+    sentences = [np.array([5, 6, 7]), np.array([], dtype=np.int64), np.array([8])]
+    with TokenArrayWriter(tmp_path / "x") as writer:
+        writer.append(sentences[:2])
+        writer.append([])
+        writer.append(sentences[2:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ids.npy", "x.offsets.npy"]
+    ids, offsets = np.load(tmp_path / "x.ids.npy"), np.load(tmp_path / "x.offsets.npy")
+    assert ids.dtype == np.int32 and ids.tolist() == [5, 6, 7, 8]
+    assert offsets.dtype == np.int64 and offsets.tolist() == [0, 3, 3, 4]
+    loaded = TokenArray.load(tmp_path / "x")
+    assert [loaded[i].tolist() for i in range(len(loaded))] == [[5, 6, 7], [], [8]]
+
+
+def test_a_failed_write_leaves_no_token_array(tmp_path):
+    with pytest.raises(RuntimeError), TokenArrayWriter(tmp_path / "x") as writer:
+        writer.append([np.array([5, 6])])
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,9 @@ TRICKY = (b"\xef\xbb\xbfone\r\n\r\ntwo\r\r\nthr\xe9e\n\n\xef\xbb\xbfbom inside\n
 
 
 def load_benchmark():
+    # As `python benchmarks/memory_scaling.py` would: its folder on the path, for `common`.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("memory_scaling",
                                                   ROOT / "benchmarks" / "memory_scaling.py")
     module = importlib.util.module_from_spec(spec)

@@ -73,15 +73,16 @@ class LanguageModel(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 positions: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (batch, len, vocab) of tgt_in; `src` is not read. With a
-        boolean `positions` mask (batch, len), only those positions' logits (n, vocab).
+        """Teacher-forced logits (batch, len, vocab) of tgt_in; `src` is not read. With
+        `positions`, indices (n,) into the flattened (batch · len) positions, only those
+        positions' logits (n, vocab).
 
         Padding sits after each sentence's last piece and the RNN reads left to right, so
         it never changes the logits of real positions: one fused call, no packing needed.
         """
         hidden = self.init_state(self.encode(tgt_in, src_lengths)).hidden
         s, _ = self.rnn(self.dropout(self.embed(tgt_in)), None, hidden)
-        return self._logits(s if positions is None else s[positions])
+        return self._logits(s if positions is None else s.flatten(0, 1).index_select(0, positions))
 
     def _logits(self, s: Tensor) -> Tensor:
         return self.generator(self.projection(self.dropout(s)))

@@ -142,8 +142,9 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                 positions: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (batch, tgt_len, vocab); with a boolean `positions` mask
-        (batch, tgt_len), only those positions' logits (n_selected, vocab).
+        """Teacher-forced logits (batch, tgt_len, vocab); with `positions`, indices (n,)
+        into the flattened (batch · tgt_len) positions (`Batch.real`), only those
+        positions' logits (n, vocab).
 
         The softmax layer is the largest matrix product of training: selecting the real
         (non-pad) positions first spares it the padding.
@@ -151,7 +152,7 @@ class Seq2Seq(nn.Module):
         enc = self.encode(src, src_lengths)
         o, _ = self.decoder(tgt_in, self.init_state(enc), enc)
         if positions is not None:
-            o = o[positions]
+            o = o.flatten(0, 1).index_select(0, positions)
         return self.generator(self.projection(o))
 
     def _initial_feed(self, enc: EncoderOut) -> Tensor | None:

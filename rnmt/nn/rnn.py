@@ -17,6 +17,8 @@ LSTM the pair `(h, c)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,21 +119,8 @@ class RNN(nn.Module):
         (`torch.lstm_cell` & co.); for one step they are about twice as fast as calling the
         sequence kernel on a length-1 sequence. Reference: the readable cell, same weights.
         """
-        is_lstm = isinstance(state, tuple)
-        h_all, c_all = state if is_lstm else (state, None)
-        new_h, new_c = [], []
-        for k in range(self.num_layers):
-            if k > 0 and self.training and self.layer.dropout > 0:
-                x = F.dropout(x, self.layer.dropout, training=True)
-            own = (h_all[k], c_all[k]) if is_lstm else h_all[k]
-            out = self._step_layer(k, x, own)
-            x = out[0] if is_lstm else out
-            new_h.append(x)
-            if is_lstm:
-                new_c.append(out[1])
-        if is_lstm:
-            return x, (torch.stack(new_h), torch.stack(new_c))
-        return x, torch.stack(new_h)
+        return step_stack(self._step_layer, self.num_layers, x, state, self.layer.dropout,
+                          self.training)
 
     def _step_layer(self, k: int, x: Tensor, state: State) -> State:
         """Layer k, one step: x (batch, input) and its state -> its new state."""
@@ -185,6 +174,34 @@ class RNN(nn.Module):
         if is_lstm:
             return x, (torch.stack(final_h), torch.stack(final_c))
         return x, torch.stack(final_h)
+
+
+def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: int, x: Tensor,
+               state: State, dropout: float = 0.0, training: bool = False
+               ) -> tuple[Tensor, State]:
+    """One time step of a unidirectional stack, layer by layer: layer k reads the new h of
+    layer k-1 (with dropout between layers when training, as the fused layer does) and its
+    own state; `step_layer(k, x, layer_state)` returns layer k's new state.
+
+    Shapes: x (batch, input); state (layers, batch, hidden), or the pair (h, c) for an
+    LSTM, whose layer states are pairs too. Returns the top layer's h (batch, hidden) and
+    the stack's new state, laid out as `state`.
+    """
+    is_lstm = isinstance(state, tuple)
+    h_all, c_all = state if is_lstm else (state, None)
+    new_h, new_c = [], []
+    for k in range(num_layers):
+        if k > 0 and training and dropout > 0:
+            x = F.dropout(x, dropout, training=True)
+        own = (h_all[k], c_all[k]) if is_lstm else h_all[k]
+        out = step_layer(k, x, own)
+        x = out[0] if is_lstm else out
+        new_h.append(x)
+        if is_lstm:
+            new_c.append(out[1])
+    if is_lstm:
+        return x, (torch.stack(new_h), torch.stack(new_c))
+    return x, torch.stack(new_h)
 
 
 STEP_KERNELS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}
