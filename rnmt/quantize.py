@@ -38,7 +38,6 @@ uint8×int8 products in int16 (`vpmaddubsw`), and 2·255·127 would overflow it.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -53,14 +52,13 @@ QUANTIZATIONS = ("none", "int8")
 ENGINES = ("x86", "fbgemm", "qnnpack")
 
 
-@functools.cache
 def select_engine() -> str:
     """Set torch's quantised engine to the best one this build supports and return it.
 
     torch dispatches `linear_prepack` on a process-wide engine setting; it is only changed
     when the current one is not among ours (the default build on x86 already uses "x86").
-    Chosen once per process (cached: nothing else sets the engine), so every `Int8Linear`
-    can ask for it; a build without the kernels raises at every call (errors are not cached).
+    Cheap (a look at torch's settings), so every `Int8Linear` asks for it before packing,
+    and `quantize_for_inference` once more up front, to fail before swapping anything.
     """
     supported = list(torch.backends.quantized.supported_engines)
     usable = [e for e in ENGINES if e in supported]
