@@ -61,6 +61,7 @@ from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sente
 from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
+from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
 from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
@@ -369,7 +370,7 @@ class Trainer:
                 **model_config,
             )
             self.model_options = dict(model_config)
-        self.model = build_model(self.model_config).to(self.device)
+        self.model = compact_rnn_weights(build_model(self.model_config).to(self.device))
         if self.dist.rank > 0:
             # Same initialisation on every rank (DDP also broadcasts rank 0's), but each
             # rank its own dropout stream, as each batch of one process gets fresh masks.

@@ -29,6 +29,7 @@ from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
 from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
+from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.precision import PRECISIONS, check_precision, check_precision_name
 from rnmt.quantize import check_quantize, quantize_for_inference
 from rnmt.search import Hypothesis, SearchConfig, search_nbest
@@ -113,7 +114,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
         raise CheckpointError(f"{path}: checkpoint does not match its model ({first_line})") from None
     if len(src_vocab) != config.src_vocab_size or len(tgt_vocab) != config.tgt_vocab_size:
         raise CheckpointError(f"{path}: vocabulary sizes do not match the model")
-    model.to(device).eval()
+    compact_rnn_weights(model.to(device).eval())
     return LoadedModel(model, src_vocab, tgt_vocab, config.arch == "lm")
 
 
@@ -123,7 +124,7 @@ def prepare_model(model: nn.Module, precision: str = "fp32", quantize: str = "no
     if quantize == "int8":
         return quantize_for_inference(model)
     if precision != "fp32":
-        model.to(PRECISIONS[precision])
+        compact_rnn_weights(model.to(PRECISIONS[precision]))
     return model
 
 

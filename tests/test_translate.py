@@ -300,3 +300,22 @@ def test_a_precision_the_device_cannot_run_is_a_one_line_error(trained_checkpoin
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 2 and result.stdout == b""
     assert len(lines) == 1 and lines[0].startswith(f"rnmt: error: {message}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rnn_weights_are_one_block_for_cudnn_after_loading_and_casting(trained_checkpoint,
+                                                                        precision):
+    import warnings
+
+    translator = Translator.load(trained_checkpoint, SearchConfig(beam=2), device="cuda",
+                                 precision=precision)
+    for module in translator.model.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            weights = module._flat_weights
+            # one allocation: consecutive weights, as flatten_parameters lays them out
+            assert all(w.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+                       for w in weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cuDNN's "not part of single contiguous chunk"
+        translator.nbest(["seven", "eight nine"])

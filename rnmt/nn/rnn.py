@@ -207,6 +207,17 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
 STEP_KERNELS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}
 
 
+def compact_rnn_weights(model: nn.Module) -> nn.Module:
+    """Lay each fused RNN's weights out as the one block cuDNN reads, after the model has
+    moved to a GPU or changed dtype: `Module.to` leaves them in separate tensors, and cuDNN
+    would then copy them together at every call (and warn about it). No-op on the CPU.
+    Returns the model."""
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module.flatten_parameters()
+    return model
+
+
 def final_states(rnn: RNN, final: State) -> list[Tensor]:
     """Per layer, the final state with both directions concatenated: (batch, directions*hidden).
 
