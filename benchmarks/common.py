@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,30 +35,54 @@ class Finished:
 
     seconds: float  # wall time, start to exit
     exit_code: int
-    peak_rss_mb: float  # the kernel's peak resident set (ru_maxrss) of the child
+    peak_rss_mb: float  # the kernel's peak resident set (ru_maxrss) of the command alone
+
+
+# Linux starts a process's ru_maxrss from the peak RSS of the memory image it exec'd from,
+# and Python spawns by vfork, so a command spawned directly would report at least the
+# *parent's* peak (a benchmark that loaded models or generated a corpus in-process: a child
+# was measured at 480 MB beside 409 MB for the same work, from the parent's growth alone).
+# This launcher, a fresh interpreter of ~10 MB, forks the command and reports the command's
+# own usage: its pid first (for sampling /proc), then its exit code and peak RSS (KiB).
+LAUNCHER = """
+import os, sys
+out = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    os.close(out)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+os.write(out, f"{pid}\\n".encode())
+_, status, usage = os.wait4(pid, 0)
+os.write(out, f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}\\n".encode())
+"""
 
 
 def run_child(command: list[str], threads: int, stdin: IO | None = None,
               stdout: IO | int | None = None, stderr: IO | int | None = None,
               extra_env: dict[str, str] | None = None,
               sample: Callable[[int], None] | None = None) -> Finished:
-    """Run `command` with `threads` OpenMP/MKL threads and wait for it with `os.wait4`,
-    which returns the child's own resource usage (a parent's `getrusage(RUSAGE_CHILDREN)`
-    would mix all its children). `sample(pid)`, if given, is called every 50 ms while the
-    child runs (for what only /proc shows, e.g. private against file-backed memory)."""
+    """Run `command` with `threads` OpenMP/MKL threads to its end: wall seconds, exit code
+    and the command's own peak RSS (through `LAUNCHER`, see there). `sample(pid)`, if
+    given, is called with the command's pid every 50 ms while it runs (for what only /proc
+    shows, e.g. private against file-backed memory)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                **(extra_env or {}))
+    read, write = os.pipe()
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, env=env)
-    if sample is None:
-        _, status, usage = os.wait4(proc.pid, 0)
-    else:
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            sample(proc.pid)
-            time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
-    return Finished(seconds, proc.returncode, usage.ru_maxrss / 1024)  # Linux reports KiB
+    launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(write), *command],
+                                stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+                                pass_fds=(write,))
+    os.close(write)
+    with os.fdopen(read) as report:
+        pid = int(report.readline())
+        if sample is not None:
+            while launcher.poll() is None:
+                sample(pid)
+                time.sleep(0.05)
+        launcher.wait()
+        seconds = time.perf_counter() - start
+        exit_code, peak_kib = (int(x) for x in report.readline().split())
+    return Finished(seconds, exit_code, peak_kib / 1024)  # Linux reports KiB
