@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 import subprocess
 import sys
 import time
@@ -43,20 +44,27 @@ class Finished:
 # *parent's* peak (a benchmark that loaded models or generated a corpus in-process: a child
 # was measured at 480 MB beside 409 MB for the same work, from the parent's growth alone).
 # This launcher, a fresh interpreter of ~10 MB, forks the command and reports the command's
-# own usage: its pid first (for sampling /proc), then its exit code and peak RSS (KiB).
+# own usage: its pid first (for sampling /proc), then its exit code, peak RSS (KiB) and
+# wall seconds from fork to exit (so the launcher's own start-up is not counted).
 LAUNCHER = """
-import os, sys
+import os, signal, sys, time
 out = int(sys.argv[1])
+start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.close(out)
+    for name in ("SIGPIPE", "SIGXFSZ"):  # ignored by Python, not by the command
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
+    except OSError as err:
+        os.write(2, f"{sys.argv[2]}: {err}\\n".encode())
+    os._exit(127)
 os.write(out, f"{pid}\\n".encode())
 _, status, usage = os.wait4(pid, 0)
-os.write(out, f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}\\n".encode())
+seconds = time.perf_counter() - start
+os.write(out, f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} {seconds!r}\\n".encode())
 """
 
 
@@ -65,24 +73,28 @@ def run_child(command: list[str], threads: int, stdin: IO | None = None,
               extra_env: dict[str, str] | None = None,
               sample: Callable[[int], None] | None = None) -> Finished:
     """Run `command` with `threads` OpenMP/MKL threads to its end: wall seconds, exit code
-    and the command's own peak RSS (through `LAUNCHER`, see there). `sample(pid)`, if
-    given, is called with the command's pid every 50 ms while it runs (for what only /proc
-    shows, e.g. private against file-backed memory)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               **(extra_env or {}))
+    and the command's own peak RSS (through `LAUNCHER`, see there). stdin/stdout/stderr:
+    files, DEVNULL or None (inherited); not PIPE, which nothing here would read.
+    `sample(pid)`, if given, is called with the command's pid every 50 ms while it runs
+    (for what only /proc shows, e.g. private against file-backed memory)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           **(extra_env or {})}
     read, write = os.pipe()
-    start = time.perf_counter()
-    launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(write), *command],
-                                stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                pass_fds=(write,))
-    os.close(write)
+    try:
+        launcher = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(write),
+                                     *command], stdin=stdin, stdout=stdout, stderr=stderr,
+                                    env=env, pass_fds=(write,))
+    finally:
+        os.close(write)
     with os.fdopen(read) as report:
-        pid = int(report.readline())
-        if sample is not None:
-            while launcher.poll() is None:
+        first = report.readline()
+        if first and sample is not None:
+            pid = int(first)
+            while not select.select([report], [], [], 0.05)[0]:  # until the exit report
                 sample(pid)
-                time.sleep(0.05)
-        launcher.wait()
-        seconds = time.perf_counter() - start
-        exit_code, peak_kib = (int(x) for x in report.readline().split())
-    return Finished(seconds, exit_code, peak_kib / 1024)  # Linux reports KiB
+        last = report.readline().split()
+    launcher.wait()
+    if not first or len(last) != 3:
+        raise RuntimeError(f"{command[0]}: the launcher ended without its report "
+                           f"(exit {launcher.returncode})")
+    return Finished(float(last[2]), int(last[0]), int(last[1]) / 1024)  # Linux reports KiB

@@ -133,7 +133,9 @@ def npy_header(dtype: type[np.generic], count: int) -> bytes:
     text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({count},), }}"
     prefix = len(np.lib.format.magic(1, 0)) + 2  # magic and version, then a uint16 length
     text = text.ljust(NPY_HEADER_SIZE - prefix - 1) + "\n"
-    return np.lib.format.magic(1, 0) + struct.pack("<H", len(text)) + text.encode("latin1")
+    header = np.lib.format.magic(1, 0) + struct.pack("<H", len(text)) + text.encode("latin1")
+    assert len(header) == NPY_HEADER_SIZE, "a count of over 60 digits"
+    return header
 
 
 class TokenArrayWriter:
@@ -168,11 +170,18 @@ class TokenArrayWriter:
         self.n_ids = int(ends[-1])
 
     def close(self) -> None:
-        for raw, dtype, count in ((self._ids, np.int32, self.n_ids),
-                                  (self._offsets, np.int64, self.sentences + 1)):
-            raw.seek(0)
-            raw.write(npy_header(dtype, count))
-            raw.close()
+        # Both files complete before either gets its final name: a failure (a full disk)
+        # leaves no new ids beside stale or missing offsets.
+        try:
+            for raw, dtype, count in ((self._ids, np.int32, self.n_ids),
+                                      (self._offsets, np.int64, self.sentences + 1)):
+                raw.seek(0)
+                raw.write(npy_header(dtype, count))
+                raw.close()
+        except BaseException:
+            self.discard()
+            raise
+        for raw in (self._ids, self._offsets):
             os.replace(raw.name, raw.name.removesuffix(".tmp"))
 
     def discard(self) -> None:

@@ -163,4 +163,3 @@ def corpus_path(prefix: str | Path, lang: str) -> Path:
     if not plain.exists() and gz.exists():
         return gz
     return plain
-

@@ -396,8 +396,11 @@ class Trainer:
                     f"{data_dir}: the training data makes {n_batches} batch(es) of "
                     f"--max-tokens {config.max_tokens}, too few for {self.dist.world_size} "
                     "ranks; lower --max-tokens or start fewer processes")
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # device_ids=None: DDP leaves the inputs where they are. With the device listed
+            # it would move the batch's CPU lengths to the GPU, and packing them (which
+            # needs them on the host) would wait for the device at every batch.
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model,
+                                                                         device_ids=None)
         self._stop_signal: int | None = None
         self._stopping = False  # a signal reached some rank: all stop after this update
         self._late = False  # --max-time passed on some rank, as agreed at the last update

@@ -17,13 +17,25 @@ TINY_MODEL = dict(emb_dim=32, hidden_dim=32, dec_hidden_dim=64, attn_dim=32, out
                   dropout=0.0)
 
 
-def load_demo_generator():
-    spec = importlib.util.spec_from_file_location("make_demo", ROOT / "data" / "make_demo.py")
+def load_script(path: Path):
+    """A script (data/, benchmarks/) as a module, its folder on the path as when it runs
+    (`python benchmarks/NAME.py` imports `common` from there)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules["make_demo"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    return load_script(ROOT / "benchmarks" / f"{name}.py")
+
+
+def load_demo_generator():
+    return load_script(ROOT / "data" / "make_demo.py")
 
 
 def write_corpus(directory: Path, n_train: int = 1500, n_valid: int = 60, n_test: int = 60,

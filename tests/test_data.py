@@ -133,3 +133,20 @@ def test_a_failed_write_leaves_no_token_array(tmp_path):
         writer.append([np.array([5, 6])])
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_closing_leaves_neither_file(tmp_path, monkeypatch):
+    """The ids must not get their final name while the offsets fail (e.g. a full disk)."""
+    import rnmt.data
+
+    real_header = rnmt.data.npy_header
+
+    def header(dtype, count):
+        if dtype is np.int64 and count > 0:  # the offsets' final header
+            raise OSError(28, "No space left on device")
+        return real_header(dtype, count)
+
+    monkeypatch.setattr(rnmt.data, "npy_header", header)
+    with pytest.raises(OSError), TokenArrayWriter(tmp_path / "x") as writer:
+        writer.append([np.array([5, 6])])
+    assert list(tmp_path.iterdir()) == []

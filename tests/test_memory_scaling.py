@@ -4,7 +4,6 @@ holds more memory for a larger corpus than for a small one (beyond a few bytes p
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import sys
 
 import numpy as np
@@ -14,22 +13,9 @@ import rnmt.preprocess
 from rnmt.preprocess import PreprocessConfig, preprocess
 from rnmt.text import TextLines, read_lines
 
-from conftest import ROOT
+from conftest import load_benchmark
 
 TRICKY = (b"\xef\xbb\xbfone\r\n\r\ntwo\r\r\nthr\xe9e\n\n\xef\xbb\xbfbom inside\nno final newline")
-
-
-def load_benchmark():
-    # As `python benchmarks/memory_scaling.py` would: its folder on the path, for `common`.
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("memory_scaling",
-                                                  ROOT / "benchmarks" / "memory_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules["memory_scaling"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -65,7 +51,7 @@ def test_binarising_chunk_by_chunk_writes_what_one_chunk_writes(corpus_dir, bin_
 def test_a_commands_peak_memory_is_its_own_not_the_parents():
     """Linux carries the spawning parent's peak RSS into a child's ru_maxrss; the
     benchmarks' run_child must report the command's alone, whatever this process holds."""
-    bench = load_benchmark()
+    bench = load_benchmark("memory_scaling")
     held = bytearray(400 * 1024 * 1024)
     held[::4096] = b"\1" * len(held[::4096])  # touch every page: 400 MB resident here
     small = bench.run_child([sys.executable, "-c", "pass"], threads=1)
@@ -83,7 +69,7 @@ def test_memory_stays_flat_from_30k_to_240k_lines(tmp_path):
     here), preprocessing's by at most 100 MB (reading the text whole would add ~230 MB).
     Each peak is the command's own: this process's peak (it generates the corpora) does
     not count (benchmarks/common.py, LAUNCHER)."""
-    bench = load_benchmark()
+    bench = load_benchmark("memory_scaling")
     spm_model = bench.learn_spm(tmp_path, threads=1)
     small, large = (bench.measure(tmp_path, n, spm_model, steps=10, threads=1)
                     for n in (30_000, 240_000))

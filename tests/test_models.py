@@ -109,6 +109,18 @@ def test_padding_never_changes_the_logits_of_any_cell_and_architecture(arch, cel
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_selected_positions_give_the_full_forward_logits_at_those_positions(arch):
+    """`positions` (a batch's host-built `real` indices) only selects: the logits at the
+    real target positions, in row order, as the full teacher-forced forward gives them."""
+    model = _zoo_model(arch, "lstm")
+    real = (TGT.view(-1) != 0).nonzero().squeeze(1)  # what collate builds
+    selected = model(SRC, SRC_LENGTHS, TGT, positions=real)
+    full = model(SRC, SRC_LENGTHS, TGT)
+    assert selected.shape == (sum(TGT_LENGTHS), 25)
+    torch.testing.assert_close(selected, full[TGT != 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_reference_cells_give_the_fused_logits_and_steps_on_the_same_weights(arch, cell):
     fused = _zoo_model(arch, cell)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import RNMT, ROOT, TINY_MODEL, run_rnmt
+from conftest import RNMT, ROOT, TINY_MODEL, load_benchmark, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 
 NASTY_LINES = [
@@ -173,17 +173,15 @@ def test_preprocess_counts_and_reports_the_lines_it_filters(corpus_dir, bin_dir,
 
 
 def _run_measured(args: list[str], stdin: bytes, tmp_path) -> tuple[int, bytes, bytes, int]:
-    """Run the CLI; return (exit code, stdout, stderr, peak RSS in bytes of that child)."""
+    """Run the CLI; return (exit code, stdout, stderr, peak RSS in bytes of that command
+    alone: benchmarks/common.py's launcher keeps this session's own peak out of it)."""
     (tmp_path / "in").write_bytes(stdin)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(tmp_path / "in", "rb") as i, open(tmp_path / "out", "wb") as o, \
             open(tmp_path / "err", "wb") as e:
-        proc = subprocess.Popen(RNMT + args, stdin=i, stdout=o, stderr=e, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the session's
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
-    return (proc.returncode, (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes(),
-            usage.ru_maxrss * scale)
+        run = load_benchmark("common").run_child(RNMT + args, threads=1, stdin=i, stdout=o,
+                                                 stderr=e)
+    return (run.exit_code, (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes(),
+            int(run.peak_rss_mb * 2**20))
 
 
 def test_sentences_far_longer_than_training_are_bounded_in_length_and_memory(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -303,11 +304,9 @@ def test_a_precision_the_device_cannot_run_is_a_one_line_error(trained_checkpoin
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN)")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # bf16: see compact_rnn_weights
 def test_rnn_weights_are_one_block_for_cudnn_after_loading_and_casting(trained_checkpoint,
                                                                         precision):
-    import warnings
-
     translator = Translator.load(trained_checkpoint, SearchConfig(beam=2), device="cuda",
                                  precision=precision)
     for module in translator.model.modules():
@@ -317,5 +316,5 @@ def test_rnn_weights_are_one_block_for_cudnn_after_loading_and_casting(trained_c
             assert all(w.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
                        for w in weights)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # cuDNN's "not part of single contiguous chunk"
+        warnings.filterwarnings("error", message=".*contiguous chunk of memory.*")
         translator.nbest(["seven", "eight nine"])

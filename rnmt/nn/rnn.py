@@ -210,7 +210,8 @@ STEP_KERNELS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torc
 def compact_rnn_weights(model: nn.Module) -> nn.Module:
     """Lay each fused RNN's weights out as the one block cuDNN reads, after the model has
     moved to a GPU or changed dtype: `Module.to` leaves them in separate tensors, and cuDNN
-    would then copy them together at every call (and warn about it). No-op on the CPU.
+    would then copy them together at every call (and warn about it). No-op on the CPU, and
+    for bf16 weights: torch's `flatten_parameters` (2.13) only takes fp16/fp32/fp64.
     Returns the model."""
     for module in model.modules():
         if isinstance(module, nn.RNNBase):
