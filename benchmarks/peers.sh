@@ -3,7 +3,8 @@
 # model of ../shared/bench/README.md trained for the same wall-clock budget by each, on the
 # same raw Multi30k de->en text and the same sentencepiece model, then test_2016_flickr
 # (1000 sentences, batch 64) translated greedy and beam 5 (rnmt also beam 5 with
-# --quantize int8 and with --precision bf16), and one table of the numbers.
+# --quantize int8, with --precision bf16, and with --workers 2, alone and with int8), and
+# one table of the numbers.
 #
 # Usage: benchmarks/peers.sh SECONDS [OUT]      (OUT defaults to work/peers)
 #   SECONDS  training budget of each toolkit (the shared bench uses 900)
@@ -98,7 +99,8 @@ done
 # rnmt variants: name, beam, extra options; a variant whose option this rnmt lacks is skipped
 help=$(COLUMNS=200 "${rnmt[@]}" translate --help 2>&1)
 variants=()
-for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16"; do
+for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16" \
+         "beam5-w2 5 --workers 2" "beam5-int8-w2 5 --workers 2 --quantize int8"; do
     set -- $v
     if [ $# -gt 2 ] && ! grep -q -- "$3" <<< "$help"; then
         log "skip rnmt $1: rnmt translate has no $3"; continue

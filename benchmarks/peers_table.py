@@ -29,7 +29,9 @@ from common import cpu_name
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache" / "rnmt-peers"))
 NAMES = {"joey": "Joey NMT 2.3.0", "onmt": "OpenNMT-py 3.5.1", "rnmt": "rnmt"}
 VARIANTS = {"greedy": "greedy", "beam5": "beam 5", "beam5-int8": "beam 5, rnmt --quantize int8",
-            "beam5-bf16": "beam 5, rnmt --precision bf16"}
+            "beam5-bf16": "beam 5, rnmt --precision bf16",
+            "beam5-w2": "beam 5, rnmt --workers 2",
+            "beam5-int8-w2": "beam 5, rnmt --quantize int8 --workers 2"}
 PEER_BEAM = {"greedy": "b1", "beam5": "b5"}
 
 
@@ -195,7 +197,7 @@ def main() -> None:
     budget = f"{args.budget:g} s" if args.budget else "?"
     print(f"Reference model, Multi30k de→en, {budget} of CPU training each (2 threads), "
           f"test_2016_flickr (1000 sentences, batch 64); {date}, {machine()}; "
-          f"`{args.command}`. Ratio: rnmt ÷ OpenNMT-py (int8/bf16 rows against its fp32 "
+          f"`{args.command}`. Ratio: rnmt ÷ OpenNMT-py (int8/bf16/workers rows against its fp32 "
           "beam 5); BLEU: difference. sacreBLEU 13a, cased, detokenised.\n")
     print("| | " + " | ".join(NAMES[t] for t in columns) + " | rnmt ÷ OpenNMT-py |")
     print("|---|" + "---:|" * (len(columns) + 1))

@@ -35,16 +35,20 @@ from pathlib import Path
 
 from common import cpu_name, run_child
 
-# name: (beam, precision, quantize)
-VARIANTS: dict[str, tuple[int, str, str]] = {
-    "greedy": (1, "fp32", "none"),
-    "beam5": (5, "fp32", "none"),
-    "beam5-int8": (5, "fp32", "int8"),
-    "beam5-bf16": (5, "bf16", "none"),
-    "greedy-int8": (1, "fp32", "int8"),
-    "greedy-bf16": (1, "bf16", "none"),
-    "beam5-fp16": (5, "fp16", "none"),
-    "greedy-fp16": (1, "fp16", "none"),
+# name: (beam, precision, quantize, workers)
+VARIANTS: dict[str, tuple[int, str, str, int]] = {
+    "greedy": (1, "fp32", "none", 1),
+    "beam5": (5, "fp32", "none", 1),
+    "beam5-int8": (5, "fp32", "int8", 1),
+    "beam5-bf16": (5, "bf16", "none", 1),
+    "greedy-int8": (1, "fp32", "int8", 1),
+    "greedy-bf16": (1, "bf16", "none", 1),
+    "beam5-fp16": (5, "fp16", "none", 1),
+    "greedy-fp16": (1, "fp16", "none", 1),
+    # --workers 2: two batches searched at once, one thread each (--threads 2)
+    "greedy-w2": (1, "fp32", "none", 2),
+    "beam5-w2": (5, "fp32", "none", 2),
+    "beam5-int8-w2": (5, "fp32", "int8", 2),
 }
 DEFAULT_VARIANTS = ["greedy", "beam5", "beam5-int8", "beam5-bf16"]
 
@@ -59,8 +63,10 @@ class Measured:
     outputs: list[str] = field(default_factory=list)
 
 
-def cli_args(beam: int, precision: str, quantize: str, args: argparse.Namespace) -> list[str]:
+def cli_args(beam: int, precision: str, quantize: str, workers: int,
+             args: argparse.Namespace) -> list[str]:
     return ["--beam", str(beam), "--precision", precision, "--quantize", quantize,
+            "--workers", str(workers),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads),
             "--device", args.device]
 
@@ -117,16 +123,19 @@ def main() -> None:
 
     translators = {}
     for name in args.variants:
-        beam, precision, quantize = VARIANTS[name]
+        beam, precision, quantize, workers = VARIANTS[name]
         translators[name] = Translator.load(args.checkpoint, SearchConfig(beam=beam),
                                             device=args.device, batch_size=args.batch_size,
                                             buffer_size=max(1, len(lines)),
-                                            precision=precision, quantize=quantize)
+                                            precision=precision, quantize=quantize,
+                                            workers=workers)
     results = {name: Measured() for name in args.variants}
     cuda = args.device.startswith("cuda")
     for run in range(args.runs):
         for name, translator in translators.items():
             m = results[name]
+            # as `rnmt translate --workers W --threads T` shares the threads out
+            torch.set_num_threads(max(1, args.threads // translator.workers))
             start = time.perf_counter()
             best = [t[0] for t in translator.nbest(lines)]
             if cuda:

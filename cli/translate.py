@@ -38,6 +38,7 @@ def translate(
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16: the model's numbers (log-probabilities stay fp32). On a GPU bf16/fp16 are the fast path; on a CPU bf16 pays only with AMX/AVX512-BF16 and fp16 is refused.")] = "fp32",
     quantize: Annotated[str, typer.Option(help="none, or int8: int8 weights for the decoder's per-step layers (RNN, attention query, output layer, vocabulary projection); CPU only (--device auto picks the CPU for it), the fast CPU path.")] = "none",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
+    workers: Annotated[int, typer.Option(help="CPU: search this many batches at once, each on threads/workers threads (2 on 2 cores: ~1.2x beam 5, same output).")] = 1,
 ) -> None:
     """Translate stdin to stdout, one line in, one line out."""
     import torch
@@ -48,6 +49,8 @@ def translate(
 
     if threads:
         torch.set_num_threads(threads)
+    if workers > 1:  # the threads are shared out among the batches searched at once
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     if output_format not in OUTPUT_FORMATS:
         raise typer.BadParameter(f"choose from {', '.join(OUTPUT_FORMATS)}",
                                  param_hint="--output-format")
@@ -71,7 +74,7 @@ def translate(
         buffer_size = 1
     translator = Translator.load(model, config, device=device, batch_size=batch_size,
                                  buffer_size=buffer_size, max_tokens=max_tokens,
-                                 precision=precision, quantize=quantize)
+                                 precision=precision, quantize=quantize, workers=workers)
     for warning in translator.warnings:
         print(f"rnmt: warning: {warning}", file=sys.stderr)
     reader = LineReader(source, "<stdin>" if input is None else str(input), errors)

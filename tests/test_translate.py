@@ -64,6 +64,32 @@ def test_nbest_scores_are_sorted_and_equal_forced_decoding(trained_checkpoint, s
             assert abs(forced / length_penalty(len(tokens) + 1, 1.0) - t.score) < 1e-4
 
 
+def test_batches_searched_at_once_by_workers_give_the_same_outputs(trained_checkpoint,
+                                                                    sources):
+    config = SearchConfig(beam=3, nbest=2)
+    alone = Translator.load(trained_checkpoint, config, device="cpu", batch_size=6)
+    workers = Translator.load(trained_checkpoint, config, device="cpu", batch_size=6,
+                              workers=3)
+    lines = sources + ["", "   "]  # blank lines stay blank
+    expected = [[(t.text, round(t.score, 5)) for t in ts] for ts in alone.nbest(lines)]
+    got = [[(t.text, round(t.score, 5)) for t in ts] for ts in workers.nbest(lines)]
+    assert got == expected
+
+
+def test_cli_workers_translate_as_one_and_refuse_nonsense(trained_checkpoint, sources):
+    text = "\n".join(sources[:20]) + "\n"
+    one = run_rnmt("translate", "-m", str(trained_checkpoint), "--batch-size", "4",
+                   "--device", "cpu", stdin=text, check=True)
+    two = run_rnmt("translate", "-m", str(trained_checkpoint), "--batch-size", "4",
+                   "--device", "cpu", "--workers", "2", "--threads", "2", stdin=text,
+                   check=True)
+    assert two.stdout == one.stdout and len(one.stdout.decode().splitlines()) == 20
+    bad = run_rnmt("translate", "-m", str(trained_checkpoint), "--workers", "0", stdin=text)
+    lines = bad.stderr.decode().strip().splitlines()
+    assert bad.returncode == 2 and bad.stdout == b""
+    assert lines == ["rnmt: error: --workers must be at least 1"]
+
+
 def test_cli_nbest_prints_index_score_text_k_per_line(trained_checkpoint, sources):
     result = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", "3", "--nbest", "2",
                       stdin="\n".join(sources[:3]) + "\n", check=True)
