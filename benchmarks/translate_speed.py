@@ -134,8 +134,6 @@ def main() -> None:
     for run in range(args.runs):
         for name, translator in translators.items():
             m = results[name]
-            # as `rnmt translate --workers W --threads T` shares the threads out
-            torch.set_num_threads(max(1, args.threads // translator.workers))
             start = time.perf_counter()
             best = [t[0] for t in translator.nbest(lines)]
             if cuda:

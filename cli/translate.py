@@ -49,8 +49,6 @@ def translate(
 
     if threads:
         torch.set_num_threads(threads)
-    if workers > 1:  # the threads are shared out among the batches searched at once
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     if output_format not in OUTPUT_FORMATS:
         raise typer.BadParameter(f"choose from {', '.join(OUTPUT_FORMATS)}",
                                  param_hint="--output-format")

@@ -316,11 +316,16 @@ class Translator:
 
         if self.workers > 1 and len(chunks) > 1:
             # Batches are independent, so W threads search W of them at once (torch ops
-            # release the GIL). On a CPU this uses the cores better than one batch does:
-            # a search step's matrix products have too few rows for MKL to spread over
-            # two threads (README, "Faster translation").
-            with ThreadPoolExecutor(self.workers) as pool:
-                found_all = list(pool.map(run, chunks))
+            # release the GIL), each on 1/W of torch's threads. On a CPU this uses the
+            # cores better than one batch does: a search step's matrix products have too
+            # few rows for MKL to spread over two threads (README, "Faster translation").
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, threads // self.workers))
+            try:
+                with ThreadPoolExecutor(self.workers) as pool:
+                    found_all = list(pool.map(run, chunks))
+            finally:
+                torch.set_num_threads(threads)
         else:
             found_all = [run(chunk) for chunk in chunks]
         for chunk, found in zip(chunks, found_all):

@@ -71,9 +71,12 @@ def test_batches_searched_at_once_by_workers_give_the_same_outputs(trained_check
     workers = Translator.load(trained_checkpoint, config, device="cpu", batch_size=6,
                               workers=3)
     lines = sources + ["", "   "]  # blank lines stay blank
-    expected = [[(t.text, round(t.score, 5)) for t in ts] for ts in alone.nbest(lines)]
-    got = [[(t.text, round(t.score, 5)) for t in ts] for ts in workers.nbest(lines)]
-    assert got == expected
+    expected, got = alone.nbest(lines), workers.nbest(lines)
+    assert [[t.text for t in ts] for ts in got] == [[t.text for t in ts] for ts in expected]
+    # each worker runs on 1 of the threads: sums may round differently in the last bits
+    for ts_got, ts_expected in zip(got, expected):
+        for a, b in zip(ts_got, ts_expected):
+            assert abs(a.score - b.score) < 1e-4
 
 
 def test_cli_workers_translate_as_one_and_refuse_nonsense(trained_checkpoint, sources):
