@@ -14,8 +14,9 @@ busy machine slows every variant alike):
   decode-only    `Translator.nbest` over all lines, model already loaded (spm encode, search,
                  spm decode included; imports and checkpoint load excluded);
   whole process  `rnmt translate < SOURCE > out` as a user runs it: interpreter start,
-                 imports, checkpoint load (and int8 packing) and translation, with the peak
-                 RSS of the child (the largest over the runs);
+                 imports, checkpoint load (and weight packing) and translation, with the
+                 peak RSS of the child (the largest over the runs); not for the `-unpacked`
+                 variants (fp32 on torch's own kernels, which the command line never uses);
   start-up       the whole process on a one-line input;
 and the BLEU of the output (sacreBLEU, 13a, cased) against REFERENCE. The whole-process
 output must equal the decode-only output; a difference is reported on stderr.
@@ -35,20 +36,24 @@ from pathlib import Path
 
 from common import cpu_name, run_child
 
-# name: (beam, precision, quantize, workers)
-VARIANTS: dict[str, tuple[int, str, str, int]] = {
-    "greedy": (1, "fp32", "none", 1),
-    "beam5": (5, "fp32", "none", 1),
-    "beam5-int8": (5, "fp32", "int8", 1),
-    "beam5-bf16": (5, "bf16", "none", 1),
-    "greedy-int8": (1, "fp32", "int8", 1),
-    "greedy-bf16": (1, "bf16", "none", 1),
-    "beam5-fp16": (5, "fp16", "none", 1),
-    "greedy-fp16": (1, "fp16", "none", 1),
+# name: (beam, precision, quantize, workers, pack)
+VARIANTS: dict[str, tuple[int, str, str, int, bool]] = {
+    "greedy": (1, "fp32", "none", 1, True),
+    "beam5": (5, "fp32", "none", 1, True),
+    "beam5-int8": (5, "fp32", "int8", 1, True),
+    "beam5-bf16": (5, "bf16", "none", 1, True),
+    "greedy-int8": (1, "fp32", "int8", 1, True),
+    "greedy-bf16": (1, "bf16", "none", 1, True),
+    "beam5-fp16": (5, "fp16", "none", 1, True),
+    "greedy-fp16": (1, "fp16", "none", 1, True),
     # --workers 2: two batches searched at once, one thread each (--threads 2)
-    "greedy-w2": (1, "fp32", "none", 2),
-    "beam5-w2": (5, "fp32", "none", 2),
-    "beam5-int8-w2": (5, "fp32", "int8", 2),
+    "greedy-w2": (1, "fp32", "none", 2, True),
+    "beam5-w2": (5, "fp32", "none", 2, True),
+    "beam5-int8-w2": (5, "fp32", "int8", 2, True),
+    # fp32 on torch's own kernels, not packed for oneDNN (rnmt.step_layers): decode-only,
+    # the command line always packs
+    "greedy-unpacked": (1, "fp32", "none", 1, False),
+    "beam5-unpacked": (5, "fp32", "none", 1, False),
 }
 DEFAULT_VARIANTS = ["greedy", "beam5", "beam5-int8", "beam5-bf16"]
 
@@ -63,7 +68,7 @@ class Measured:
     outputs: list[str] = field(default_factory=list)
 
 
-def cli_args(beam: int, precision: str, quantize: str, workers: int,
+def cli_args(beam: int, precision: str, quantize: str, workers: int, pack: bool,
              args: argparse.Namespace) -> list[str]:
     return ["--beam", str(beam), "--precision", precision, "--quantize", quantize,
             "--workers", str(workers),
@@ -123,12 +128,12 @@ def main() -> None:
 
     translators = {}
     for name in args.variants:
-        beam, precision, quantize, workers = VARIANTS[name]
+        beam, precision, quantize, workers, pack = VARIANTS[name]
         translators[name] = Translator.load(args.checkpoint, SearchConfig(beam=beam),
                                             device=args.device, batch_size=args.batch_size,
                                             buffer_size=max(1, len(lines)),
                                             precision=precision, quantize=quantize,
-                                            workers=workers)
+                                            workers=workers, pack=pack)
     results = {name: Measured() for name in args.variants}
     cuda = args.device.startswith("cuda")
     for run in range(args.runs):
@@ -141,17 +146,21 @@ def main() -> None:
             m.decode.append(time.perf_counter() - start)
             m.outputs = [t.text for t in best]
             m.pieces = sum(len(t.pieces) + 1 for t in best)
-            options = cli_args(*VARIANTS[name], args)
-            seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options, args.threads)
-            m.whole.append(seconds)
-            m.peak_mb = max(m.peak_mb, peak)
-            if cli_out != m.outputs:
-                print(f"{name}: the CLI output differs from the decode-only output on "
-                      f"{sum(a != b for a, b in zip(cli_out, m.outputs))} lines",
-                      file=sys.stderr)
-            m.startup.append(run_cli(args.checkpoint, Path(one.name), options, args.threads)[0])
-            print(f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s, whole "
-                  f"{seconds:.2f} s, start-up {m.startup[-1]:.2f} s", file=sys.stderr)
+            line = f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s"
+            if VARIANTS[name][4]:  # the command line packs: unpacked variants are decode-only
+                options = cli_args(*VARIANTS[name], args)
+                seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options,
+                                                 args.threads)
+                m.whole.append(seconds)
+                m.peak_mb = max(m.peak_mb, peak)
+                if cli_out != m.outputs:
+                    print(f"{name}: the CLI output differs from the decode-only output on "
+                          f"{sum(a != b for a, b in zip(cli_out, m.outputs))} lines",
+                          file=sys.stderr)
+                m.startup.append(run_cli(args.checkpoint, Path(one.name), options,
+                                         args.threads)[0])
+                line += f", whole {seconds:.2f} s, start-up {m.startup[-1]:.2f} s"
+            print(line, file=sys.stderr)
     os.unlink(one.name)
 
     base = results.get("beam5")
@@ -160,15 +169,19 @@ def main() -> None:
           + (" decode-only vs beam5 |" if base else ""))
     print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if base else ""))
     for name, m in results.items():
-        decode, whole = statistics.median(m.decode), statistics.median(m.whole)
+        decode = statistics.median(m.decode)
         bleu = sacrebleu.corpus_bleu(m.outputs, [refs]).score
+        if m.whole:
+            whole = statistics.median(m.whole)
+            process = (f"{len(lines) / whole:.1f} | {m.pieces / whole:.0f} "
+                       f"| {statistics.median(m.startup):.2f} | {m.peak_mb:.0f}")
+        else:
+            process = "– | – | – | –"
         row = (f"| {name} | {len(lines) / decode:.1f} | {m.pieces / decode:.0f} "
-               f"| {len(lines) / whole:.1f} | {m.pieces / whole:.0f} "
-               f"| {statistics.median(m.startup):.2f} | {m.peak_mb:.0f} | {bleu:.2f} |")
+               f"| {process} | {bleu:.2f} |")
         if base:
             row += f" {statistics.median(base.decode) / decode:.2f}× |"
         print(row)
-
 
 if __name__ == "__main__":
     main()

@@ -302,7 +302,8 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
             attn = None if attn is None else attn[expand]
         log_probs = _mask_log_probs(log_probs, t, max_lens, config, tokens)
         vocab = log_probs.size(-1)
-        candidates = (scores.unsqueeze(-1) + log_probs.view(groups, k, vocab)).view(groups, -1)
+        # In place: log_probs, the largest tensor of the step, is not read again.
+        candidates = log_probs.view(groups, k, vocab).add_(scores.unsqueeze(-1)).view(groups, -1)
         top_scores, top_index = candidates.topk(2 * k, dim=-1)  # (groups, 2k)
         top_beam = torch.div(top_index, vocab, rounding_mode="floor")
         top_token = top_index % vocab

@@ -12,8 +12,9 @@ from rnmt.data import pad_sentences
 from rnmt.models import ModelConfig, build_model
 from rnmt.models.ensemble import Ensemble
 from rnmt.nn.rnn import RNN
-from rnmt.quantize import Int8Linear, Int8Recurrent, quantize_for_inference
+from rnmt.quantize import Int8Linear, quantize_for_inference
 from rnmt.search import SearchConfig, beam_search, greedy_search
+from rnmt.step_layers import StepRecurrent
 from rnmt.translator import Translator
 from rnmt.vocab import EOS
 
@@ -39,30 +40,13 @@ def test_int8_weights_are_within_half_a_step_of_the_float_weights():
     assert bool(((dequantized - weight).abs() <= step / 2 + 1e-7).all())
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_the_int8_recurrent_step_is_close_to_the_float_step(cell):
-    torch.manual_seed(2)
-    rnn = RNN(cell, 48, 64, num_layers=2).eval()
-    quantized = Int8Recurrent(rnn)
-    x = torch.randn(10, 48)
-    h = torch.randn(2, 10, 64) * 0.5
-    state = (h, torch.randn(2, 10, 64) * 0.5) if cell == "lstm" else h
-    with torch.no_grad():
-        out, new_state = rnn.step(x, state)
-        q_out, q_state = quantized.step(x, state)
-    assert _relative_error(q_out, out) < 0.04
-    parts = (lambda s: s if cell == "lstm" else (s,))  # noqa: E731
-    for exact, approx in zip(parts(new_state), parts(q_state)):
-        assert approx.shape == exact.shape
-        assert _relative_error(approx, exact) < 0.04
-
-
 def test_a_quantized_model_swaps_the_per_step_layers_and_keeps_the_encoder():
     config = ModelConfig(src_vocab_size=40, tgt_vocab_size=30, emb_dim=16, hidden_dim=16,
                          dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0,
                          tie_embeddings=True)
     model = quantize_for_inference(build_model(config))
-    assert isinstance(model.decoder.rnn, Int8Recurrent)
+    assert isinstance(model.decoder.rnn, StepRecurrent)
+    assert isinstance(model.decoder.rnn.gemms[0], Int8Linear)
     assert all(isinstance(m, Int8Linear) for m in (model.decoder.output, model.generator,
                                                    model.projection,
                                                    model.decoder.attention.query_proj))
@@ -101,7 +85,7 @@ def test_an_ensemble_is_quantized_member_by_member(trained_checkpoint):
     translator = Translator.load([trained_checkpoint, trained_checkpoint], SearchConfig(beam=2),
                                  device="cpu", quantize="int8")
     assert isinstance(translator.model, Ensemble)
-    assert all(isinstance(m.decoder.rnn, Int8Recurrent) for m in translator.model.members)
+    assert all(isinstance(m.decoder.rnn.gemms[0], Int8Linear) for m in translator.model.members)
     assert all(translator.translate_lines(["one hundred twelve", "seven"]))
 
 

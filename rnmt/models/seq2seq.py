@@ -52,11 +52,13 @@ class Bridge(nn.Module):
 
 
 def step_log_probs(logits: Tensor) -> Tensor:
-    """log_softmax of one step's logits (batch, vocab), in float32 even when the model runs
-    in half precision: search adds these scores up over many steps."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.log_softmax(logits, dim=-1)
+    """log_softmax of one step's fresh logits (batch, vocab), in float32 even when the model
+    runs in half precision (search adds these scores up over many steps). In fp32 and
+    without autograd, in place, as log p = z - log Σ exp z: a search step then holds one
+    (rows, vocab) tensor."""
+    if logits.dtype in (torch.float16, torch.bfloat16) or logits.requires_grad:
+        return F.log_softmax(logits.float(), dim=-1)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 def reverse_source(src: Tensor, src_lengths: Tensor) -> Tensor:

@@ -1,0 +1,224 @@
+"""Inference copies of the layers a decoder runs once per output piece, on faster kernels.
+
+A search step multiplies a few hundred rows (sentences × beams, fewer as sentences
+finish) by the same weights, once per target piece. `swap_step_layers(model, linear)`
+replaces, in a loaded model, exactly those layers: the decoder RNN (by a `StepRecurrent`
+with the same `step(x, state)` as `rnmt.nn.rnn.RNN`), the attention's query projection
+W_q, the deep-output / Luong output layer, the tied projection and the vocabulary
+projection, each by `linear(weight, bias)`. The encoder, embeddings, gate arithmetic and
+attention scores stay as they are. Two kinds of `linear`:
+
+- `OneDNNLinear` (here): fp32, the weight reordered once into oneDNN's blocked layout.
+  `pack_for_cpu` swaps these in for every fp32 translation on a CPU: same numbers up to
+  rounding, and faster than torch's fp32 `addmm` (MKL), whose small-row products use one
+  core. Measured on the development machine (AMD EPYC, AVX2, 2 threads, torch 2.13 CPU),
+  ms per product, (rows × 1280) @ (1280 × 2048):
+
+      rows         5     40     64    160    320    500
+      addmm      1.20   4.20   5.99   9.84  15.16  27.38
+      oneDNN     0.41   2.16   3.37   7.04  14.02  21.20
+
+  Beam 5 over Multi30k test_2016 with the reference model: 1.21× the unpacked speed
+  (1.17–1.40× over five comparisons), greedy 1.28×, BLEU unchanged
+  (`benchmarks/translate_speed.py`, variants `-unpacked`).
+  The ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`) are the ones
+  torch.compile's CPU backend packs weights with; a torch build without them, or without
+  oneDNN, keeps the model as it is (`onednn_available`).
+- `rnmt.quantize.Int8Linear`: int8 weights and activations (`--quantize int8`).
+
+Checkpoints never hold packed layers: packing happens after loading, and the model's
+state dict no longer describes the swapped layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from rnmt.nn.rnn import RNN, State, step_stack
+
+# A linear layer from an fp32 weight (out_features, in_features) and an optional bias.
+LinearFactory = Callable[[Tensor, "Tensor | None"], nn.Module]
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a product of `rows` rows runs at: the next multiple of 8 up to 64,
+    then of a quarter of the power of two below (80, 96, 112, 128, 160, …, 256, 320, …).
+
+    A beam search's row count falls one sentence at a time. Run at every count, oneDNN
+    builds a kernel per count, and the inputs, outputs and buffers of hundreds of sizes
+    leave the heap fragmented: the reference model's four step layers, run at every count
+    from 1 to 320, grew the resident set by 800 MB, against 58 MB at these 17 sizes (and
+    43 MB for torch's addmm) and ran 1.3× slower (`benchmarks/step_layers_memory.py`). At
+    most 25 % more rows; 3.4 % over a beam-5 search of Multi30k test_2016, and none at full
+    batch and beam (64 × 5 = 320 is a size)."""
+    if rows <= 64:
+        return max(8, -(-rows // 8) * 8)
+    step = 1 << (rows - 1).bit_length() - 3
+    return -(-rows // step) * step
+
+
+class OneDNNLinear(nn.Module):
+    """y = x Wᵀ + b in fp32 through oneDNN, the weight reordered once at construction.
+    Shapes: x (..., in_features) -> (..., out_features). Inference only (no autograd).
+    Inputs run padded to `row_bucket` rows."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        w = weight.detach().float().cpu().contiguous()
+        self.out_features, self.in_features = w.shape
+        # The row-count hint only tunes the blocking; any number of rows runs.
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.size(0)
+        padded = flat.new_empty(row_bucket(rows), self.in_features)
+        padded[:rows] = flat
+        padded[rows:] = 0.0  # rows are independent: these only fill the kernel's shape
+        y = torch.ops.mkldnn._linear_pointwise(padded, self._packed, self._bias, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build runs `OneDNNLinear` (and gets its answer right)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight, x = torch.randn(8, 4), torch.randn(3, 4)
+        return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
+    except (AttributeError, RuntimeError):  # ops missing from this build or refused
+        return False
+
+
+class StepRecurrent(nn.Module):
+    """A unidirectional RNN/LSTM/GRU stack stepped one position at a time, its gate matrix
+    products on `linear` layers and its gate arithmetic in fp32; torch's gate layout (LSTM
+    i, f, g, o; GRU r, z, n).
+
+        LSTM, tanh RNN:  a_t = [W_ih W_hh] [x_t; h_{t-1}] + (b_ih + b_hh)   one product
+        GRU:             a_t = W_ih x_t + b_ih,  b_t = W_hh h_{t-1} + b_hh  two (r ⊙ b_n)
+
+    then, LSTM:  i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
+                 c_t = f ⊙ c_{t-1} + i ⊙ g;   h_t = o ⊙ tanh(c_t)
+         GRU:    r, z = σ(a_r + b_r), σ(a_z + b_z);  n = tanh(a_n + r ⊙ b_n)
+                 h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+         RNN:    h_t = tanh(a_t)
+
+    Shapes as `RNN.step`: x (batch, input) -> (batch, hidden); state (layers, batch,
+    hidden), a pair (h, c) for an LSTM.
+    """
+
+    def __init__(self, rnn: RNN, linear: LinearFactory) -> None:
+        super().__init__()
+        if rnn.directions != 1:
+            raise ValueError("StepRecurrent steps a unidirectional stack")
+        self.cell = rnn.cell
+        self.num_layers = rnn.num_layers
+        self.hidden_size = rnn.hidden_size
+        self.gemms = nn.ModuleList()
+        for k in range(rnn.num_layers):
+            w_ih = getattr(rnn.layer, f"weight_ih_l{k}")
+            w_hh = getattr(rnn.layer, f"weight_hh_l{k}")
+            b_ih = getattr(rnn.layer, f"bias_ih_l{k}", None)
+            b_hh = getattr(rnn.layer, f"bias_hh_l{k}", None)
+            if self.cell == "gru":  # the hidden part of n is gated by r: two products
+                self.gemms.append(nn.ModuleList([linear(w_ih, b_ih), linear(w_hh, b_hh)]))
+            else:
+                bias = None if b_ih is None else b_ih + b_hh
+                self.gemms.append(linear(torch.cat([w_ih, w_hh], dim=1), bias))
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One time step of the whole stack (as `RNN.step`, without training dropout)."""
+        return step_stack(self._step_layer, self.num_layers, x, state)
+
+    def _step_layer(self, k: int, x: Tensor, state: State) -> State:
+        """Layer k, one step: x (batch, input) and its state -> its new state."""
+        if self.cell == "lstm":
+            assert isinstance(state, tuple)
+            return self._lstm(k, x, *state)
+        assert isinstance(state, Tensor)
+        if self.cell == "gru":
+            return self._gru(k, x, state)
+        return torch.tanh(self.gemms[k](torch.cat([x, state], dim=-1)))
+
+    def _lstm(self, k: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        gates = self.gemms[k](torch.cat([x, h], dim=-1))
+        H = self.hidden_size
+        # In place on the fresh product: i and f are adjacent, so one sigmoid call.
+        gates[:, : 2 * H].sigmoid_()
+        gates[:, 3 * H :].sigmoid_()
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.addcmul(f * c, i, g.tanh_())
+        return o * torch.tanh(c), c
+
+    def _gru(self, k: int, x: Tensor, h: Tensor) -> Tensor:
+        input_part, hidden_part = self.gemms[k]
+        a, b = input_part(x), hidden_part(h)
+        H = self.hidden_size
+        rz = torch.sigmoid(a[:, : 2 * H] + b[:, : 2 * H])
+        r, z = rz.chunk(2, dim=-1)
+        n = torch.tanh(torch.addcmul(a[:, 2 * H :], r, b[:, 2 * H :]))
+        return torch.lerp(n, h, z)  # (1 - z) ⊙ n + z ⊙ h
+
+    def forward(self, x: Tensor, lengths: Tensor | None, state: State
+                ) -> tuple[Tensor, State]:
+        """Whole sequences, step by step (teacher forcing through a swapped decoder).
+        Shapes: x (batch, seq, input) -> (batch, seq, hidden). Rows are not padded inside
+        the recurrence (`lengths` must be None): a decoder's padding sits after its last
+        real position, which no earlier output depends on. `state` is required: decoders
+        start from the bridge's state, a language model from its zeros (`init_state`)."""
+        if lengths is not None:
+            raise ValueError("StepRecurrent runs decoders: whole rows, no lengths")
+        outputs = []
+        for t in range(x.size(1)):
+            out, state = self.step(x[:, t], state)
+            outputs.append(out)
+        return torch.stack(outputs, dim=1), state
+
+
+def _swap_linear(parent: nn.Module, name: str, linear: LinearFactory) -> None:
+    """parent.name = linear(weight, bias) when parent.name is an nn.Linear."""
+    layer = getattr(parent, name, None)
+    if isinstance(layer, nn.Linear):
+        setattr(parent, name, linear(layer.weight, layer.bias))
+
+
+@torch.no_grad()
+def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
+    """Swap the per-step layers of a loaded fp32 CPU model (Seq2Seq, LanguageModel or an
+    Ensemble of them) for ones built by `linear`, in place, and return it, in eval mode.
+
+    A tied output projection (Press & Wolf) is swapped as the generator only: the
+    embedding it shares its matrix with stays as it is.
+    """
+    members = getattr(model, "members", None)
+    for member in members if members is not None else [model]:
+        decoder = getattr(member, "decoder", member)  # a language model is its own decoder
+        if isinstance(decoder.rnn, RNN):
+            decoder.rnn = StepRecurrent(decoder.rnn, linear)
+        _swap_linear(decoder, "output", linear)
+        attention = getattr(decoder, "attention", None)
+        if attention is not None:
+            _swap_linear(attention, "query_proj", linear)
+        _swap_linear(member, "projection", linear)
+        _swap_linear(member, "generator", linear)
+    return model.eval()
+
+
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """An fp32 CPU model's per-step layers on oneDNN (`OneDNNLinear`), where this torch
+    has it; the model unchanged otherwise, or when it is not fp32 on the CPU."""
+    first = next(model.parameters(), None)
+    if (first is None or first.dtype != torch.float32 or first.device.type != "cpu"
+            or not onednn_available()):
+        return model
+    return swap_step_layers(model, OneDNNLinear)

@@ -1,0 +1,56 @@
+"""The attention scores against the papers' formulas, written out from the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnmt.nn.attention import Attention
+
+
+def _inputs(batch: int = 3, steps: int = 4, src_len: int = 6, dim: int = 10):
+    torch.manual_seed(0)
+    query = torch.randn(batch, steps, dim, dtype=torch.float64)
+    memory = torch.randn(batch, src_len, dim, dtype=torch.float64)
+    mask = torch.ones(batch, src_len, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    return query, memory, mask
+
+
+def _expected_weights(attention: Attention, query, memory, mask):
+    if attention.additive:
+        # Bahdanau et al. 2015, eq. 6: e_tj = vᵀ tanh(W_q q_t + W_k h_j), with tanh itself.
+        hidden = torch.tanh(attention.query_proj(query).unsqueeze(2)
+                            + attention.key_proj(memory).unsqueeze(1))
+        scores = hidden @ attention.v.weight.squeeze(0)
+    elif attention.score == "general":
+        scores = query @ attention.key_proj(memory).transpose(1, 2)
+    else:
+        scores = query @ memory.transpose(1, 2)
+    return torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("score", ["bahdanau", "concat", "general", "dot"])
+def test_weights_and_context_follow_the_papers_formulas(score):
+    query, memory, mask = _inputs()
+    attention = Attention(score, 10, 10, 8).double()
+    with torch.no_grad():  # weights of a trained size, so tanh leaves its linear range
+        for p in attention.parameters():
+            p.normal_(0.0, 1.0)
+    context, weights = attention(query, attention.keys(memory), memory, mask)
+    expected = _expected_weights(attention, query, memory, mask)
+    torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(context, expected @ memory, rtol=1e-9, atol=1e-12)
+    assert (weights[1, :, 4:] == 0).all() and (weights[2, :, 2:] == 0).all()
+
+
+def test_one_step_rows_per_memory_match_the_multi_step_form():
+    """Beam search passes (batch * m, dim) query rows, m per memory: same weights."""
+    query, memory, mask = _inputs()
+    attention = Attention("bahdanau", 10, 10, 8).double()
+    keys = attention.keys(memory)
+    context, weights = attention(query, keys, memory, mask)
+    flat_context, flat_weights = attention(query.flatten(0, 1), keys, memory, mask)
+    torch.testing.assert_close(flat_weights, weights.flatten(0, 1))
+    torch.testing.assert_close(flat_context, context.flatten(0, 1))

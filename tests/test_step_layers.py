@@ -1,0 +1,109 @@
+"""The decoder's per-step layers on other kernels (`rnmt.step_layers`): oneDNN, the fp32 CPU
+translation path (same numbers as torch's own layers, up to rounding), and int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnmt.models import ModelConfig, build_model
+from rnmt.nn.rnn import RNN
+from rnmt.quantize import Int8Linear
+from rnmt.search import SearchConfig
+from rnmt.step_layers import OneDNNLinear, StepRecurrent, onednn_available, pack_for_cpu
+from rnmt.translator import Translator
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_a_onednn_linear_computes_the_float_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    packed = OneDNNLinear(linear.weight, linear.bias)
+    for rows in (1, 7, 320):  # one packing serves any number of rows
+        x = torch.randn(rows, 3, 96)  # and any leading dimensions, as nn.Linear
+        y = packed(x)
+        assert y.shape == (rows, 3, 200) and y.dtype == torch.float32
+        torch.testing.assert_close(y, F.linear(x, linear.weight, linear.bias), rtol=1e-5,
+                                   atol=1e-5)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(OneDNNLinear(linear.weight)(x), x @ linear.weight.t(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize("linear, tolerance", [
+    pytest.param(OneDNNLinear, 1e-6, marks=needs_onednn),
+    (Int8Linear, 0.04),  # int8 weights and activations: within a few percent
+])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_swapped_recurrent_step_is_the_fused_step(cell, linear, tolerance):
+    torch.manual_seed(2)
+    rnn = RNN(cell, 48, 64, num_layers=2).eval()
+    swapped = StepRecurrent(rnn, linear)
+    x = torch.randn(10, 48)
+    h = torch.randn(2, 10, 64) * 0.5
+    state = (h, torch.randn(2, 10, 64) * 0.5) if cell == "lstm" else h
+    with torch.no_grad():
+        out, new_state = rnn.step(x, state)
+        s_out, s_state = swapped.step(x, state)
+    assert _relative_error(s_out, out) < tolerance
+    parts = (lambda s: s if cell == "lstm" else (s,))  # noqa: E731
+    for exact, approx in zip(parts(new_state), parts(s_state)):
+        assert approx.shape == exact.shape
+        assert _relative_error(approx, exact) < tolerance
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    config = ModelConfig(src_vocab_size=30, tgt_vocab_size=30, emb_dim=16, hidden_dim=16,
+                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0,
+                         **overrides)
+    return build_model(config).eval()
+
+
+@needs_onednn
+@pytest.mark.parametrize("overrides", [dict(tie_embeddings=True), dict(arch="seq2seq"),
+                                       dict(attention="general", input_feeding=True),
+                                       dict(arch="lm")])
+def test_a_packed_model_computes_what_the_model_computes(overrides):
+    model = _model(**overrides)
+    src = torch.randint(4, 30, (3, 7))
+    lengths, tgt = torch.tensor([7, 5, 2]), torch.randint(4, 30, (3, 6))
+    with torch.no_grad():
+        exact = model(src, lengths, tgt)
+        packed = pack_for_cpu(model)
+        assert isinstance(packed.decoder.rnn if hasattr(packed, "decoder") else packed.rnn,
+                          StepRecurrent)
+        torch.testing.assert_close(packed(src, lengths, tgt), exact, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_only_fp32_cpu_models_are_packed():
+    model = _model().double()
+    assert isinstance(pack_for_cpu(model).decoder.rnn, RNN)
+    model = _model()
+    packed = pack_for_cpu(model)
+    assert isinstance(packed.decoder.rnn, StepRecurrent)
+    assert all(isinstance(m, OneDNNLinear) for m in (packed.decoder.output, packed.generator,
+                                                     packed.decoder.attention.query_proj))
+    assert isinstance(packed.encoder.rnn, RNN)  # run once per sentence: stays as it is
+
+
+@needs_onednn
+def test_packed_translation_is_the_unpacked_translation(trained_checkpoint, corpus_dir):
+    lines = (corpus_dir / "test.en").read_text("utf-8").splitlines()[:40]
+    config = SearchConfig(beam=4, nbest=2)
+    results = [Translator.load(trained_checkpoint, config, device="cpu", pack=pack).nbest(lines)
+               for pack in (False, True)]
+    assert isinstance(Translator.load(trained_checkpoint, config, device="cpu").model.decoder.rnn,
+                      StepRecurrent)
+    for plain, packed in zip(*results):
+        assert [t.text for t in packed] == [t.text for t in plain]
+        for a, b in zip(packed, plain):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
