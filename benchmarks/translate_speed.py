@@ -68,7 +68,7 @@ class Measured:
     outputs: list[str] = field(default_factory=list)
 
 
-def cli_args(beam: int, precision: str, quantize: str, workers: int, pack: bool,
+def cli_args(beam: int, precision: str, quantize: str, workers: int,
              args: argparse.Namespace) -> list[str]:
     return ["--beam", str(beam), "--precision", precision, "--quantize", quantize,
             "--workers", str(workers),
@@ -148,7 +148,7 @@ def main() -> None:
             m.pieces = sum(len(t.pieces) + 1 for t in best)
             line = f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s"
             if VARIANTS[name][4]:  # the command line packs: unpacked variants are decode-only
-                options = cli_args(*VARIANTS[name], args)
+                options = cli_args(*VARIANTS[name][:4], args)
                 seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options,
                                                  args.threads)
                 m.whole.append(seconds)
@@ -182,6 +182,7 @@ def main() -> None:
         if base:
             row += f" {statistics.median(base.decode) / decode:.2f}× |"
         print(row)
+
 
 if __name__ == "__main__":
     main()

@@ -53,8 +53,9 @@ def row_bucket(rows: int) -> int:
     leave the heap fragmented: the reference model's four step layers, run at every count
     from 1 to 320, grew the resident set by 800 MB, against 58 MB at these 17 sizes (and
     43 MB for torch's addmm) and ran 1.3× slower (`benchmarks/step_layers_memory.py`). At
-    most 25 % more rows; 3.4 % over a beam-5 search of Multi30k test_2016, and none at full
-    batch and beam (64 × 5 = 320 is a size)."""
+    most 7 padding rows up to 64 rows, at most 25 % more above; 3.4 % more over a beam-5
+    search of Multi30k test_2016, and none at full batch and beam (64 × 5 = 320 is a
+    size)."""
     if rows <= 64:
         return max(8, -(-rows // 8) * 8)
     step = 1 << (rows - 1).bit_length() - 3
@@ -151,6 +152,7 @@ class StepRecurrent(nn.Module):
         return torch.tanh(self.gemms[k](torch.cat([x, state], dim=-1)))
 
     def _lstm(self, k: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """x (batch, input), h and c (batch, hidden) -> the new (h, c)."""
         gates = self.gemms[k](torch.cat([x, h], dim=-1))
         H = self.hidden_size
         # In place on the fresh product: i and f are adjacent, so one sigmoid call.
@@ -161,6 +163,7 @@ class StepRecurrent(nn.Module):
         return o * torch.tanh(c), c
 
     def _gru(self, k: int, x: Tensor, h: Tensor) -> Tensor:
+        """x (batch, input), h (batch, hidden) -> the new h."""
         input_part, hidden_part = self.gemms[k]
         a, b = input_part(x), hidden_part(h)
         H = self.hidden_size
@@ -215,10 +218,12 @@ def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """An fp32 CPU model's per-step layers on oneDNN (`OneDNNLinear`), where this torch
-    has it; the model unchanged otherwise, or when it is not fp32 on the CPU."""
+    """An fp32 CPU model's per-step layers on oneDNN (`OneDNNLinear`), whatever its cell
+    implementation (fused or reference: same weights, same numbers); the model unchanged
+    when it is not fp32 on the CPU, or where this torch lacks oneDNN or has it switched
+    off (`torch.backends.mkldnn.enabled = False`)."""
     first = next(model.parameters(), None)
     if (first is None or first.dtype != torch.float32 or first.device.type != "cpu"
-            or not onednn_available()):
+            or not torch.backends.mkldnn.enabled or not onednn_available()):
         return model
     return swap_step_layers(model, OneDNNLinear)

@@ -54,3 +54,26 @@ def test_one_step_rows_per_memory_match_the_multi_step_form():
     flat_context, flat_weights = attention(query.flatten(0, 1), keys, memory, mask)
     torch.testing.assert_close(flat_weights, weights.flatten(0, 1))
     torch.testing.assert_close(flat_context, context.flatten(0, 1))
+
+
+def test_search_computes_the_additive_scores_a_few_sentences_at_a_time(monkeypatch):
+    """Without autograd, on a CPU, the activation runs in chunks of at most ADDITIVE_CHUNK
+    elements: 4 steps × 6 source positions × 8 = 192 per sentence, so a chunk of 400 holds
+    2 sentences, and a sentence larger than a chunk still goes whole."""
+    import rnmt.nn.attention as attention_module
+
+    query, memory, mask = _inputs()
+    attention = Attention("bahdanau", 10, 10, 8).double()
+    keys = attention.keys(memory)
+    whole = attention(query, keys, memory, mask)  # autograd on: never chunked
+    part = attention._additive_part
+    for chunk in (400, 10):  # 2 sentences a chunk; then less than one sentence
+        monkeypatch.setattr(attention_module, "ADDITIVE_CHUNK", chunk)
+        calls = []
+        monkeypatch.setattr(attention, "_additive_part",
+                            lambda q, k: calls.append(q.size(0)) or part(q, k))
+        with torch.no_grad():
+            chunked = attention(query, keys, memory, mask)
+        assert calls == ([2, 1] if chunk == 400 else [1, 1, 1])
+        for a, b in zip(chunked, whole):
+            torch.testing.assert_close(a, b.detach())

@@ -12,7 +12,7 @@ from rnmt.nn.rnn import RNN
 from rnmt.quantize import Int8Linear
 from rnmt.search import SearchConfig
 from rnmt.step_layers import OneDNNLinear, StepRecurrent, onednn_available, pack_for_cpu
-from rnmt.translator import Translator
+from rnmt.translator import Translator, prepare_model
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
@@ -84,9 +84,13 @@ def test_a_packed_model_computes_what_the_model_computes(overrides):
 
 
 @needs_onednn
-def test_only_fp32_cpu_models_are_packed():
-    model = _model().double()
-    assert isinstance(pack_for_cpu(model).decoder.rnn, RNN)
+def test_only_fp32_cpu_models_are_packed(monkeypatch):
+    for dtype in (torch.float64, torch.bfloat16):
+        assert isinstance(pack_for_cpu(_model().to(dtype)).decoder.rnn, RNN)
+    assert isinstance(prepare_model(_model(), precision="bf16").decoder.rnn, RNN)
+    with monkeypatch.context() as switched_off:
+        switched_off.setattr(torch.backends.mkldnn, "enabled", False)
+        assert isinstance(pack_for_cpu(_model()).decoder.rnn, RNN)
     model = _model()
     packed = pack_for_cpu(model)
     assert isinstance(packed.decoder.rnn, StepRecurrent)

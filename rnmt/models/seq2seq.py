@@ -56,8 +56,10 @@ def step_log_probs(logits: Tensor) -> Tensor:
     runs in half precision (search adds these scores up over many steps). In fp32 and
     without autograd, in place, as log p = z - log Σ exp z: a search step then holds one
     (rows, vocab) tensor."""
-    if logits.dtype in (torch.float16, torch.bfloat16) or logits.requires_grad:
+    if logits.dtype in (torch.float16, torch.bfloat16):
         return F.log_softmax(logits.float(), dim=-1)
+    if logits.requires_grad:
+        return F.log_softmax(logits, dim=-1)
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
