@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -43,21 +43,28 @@ def test_a_crafted_pickle_never_runs(tmp_path):
     assert not victim.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "other-format"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "other-format"])
 def test_damaged_files_are_one_clear_error(tmp_path, damage):
     path = tmp_path / "c.pt"
     save_checkpoint(PAYLOAD, path)
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
-    elif damage == "garbage":
-        path.write_bytes(os.urandom(2000))
     elif damage == "empty":
         path.write_bytes(b"")
     else:
         torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="c.pt"):
         load_checkpoint(path)
+
+
+def test_random_bytes_are_one_clear_error(tmp_path):
+    # Seeded, so every run tries the same 300 files; 23 of them once escaped as IndexError.
+    path = tmp_path / "c.pt"
+    for seed in range(300):
+        path.write_bytes(random.Random(seed).randbytes(2000))
+        with pytest.raises(CheckpointError, match="c.pt: corrupt|c.pt: not an rnmt"):
+            load_checkpoint(path)
 
 
 def test_a_newer_format_version_is_refused(tmp_path):
