@@ -12,7 +12,6 @@ import platform
 import select
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

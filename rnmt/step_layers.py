@@ -76,12 +76,12 @@ class OneDNNLinear(nn.Module):
         self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
-        rows = flat.size(0)
-        padded = flat.new_empty(row_bucket(rows), self.in_features)
-        padded[:rows] = flat
-        padded[rows:] = 0.0  # rows are independent: these only fill the kernel's shape
-        y = torch.ops.mkldnn._linear_pointwise(padded, self._packed, self._bias, "none", [], "")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        rows, size = flat.size(0), row_bucket(flat.size(0))
+        if size > rows:  # full batches (64 × beam 5 = 320 rows) are a size already: no copy
+            # Rows are independent: the zero rows only fill the kernel's shape.
+            flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._bias, "none", [], "")
         return y[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
