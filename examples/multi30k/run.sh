@@ -6,7 +6,8 @@
 #   MINUTES of training (default 15); DEVICE auto|cpu|cuda. With the best config (TUNE=1,
 #   the default) the checkpoint (best or average of the last 5) and length penalty are
 #   chosen on val. RESUME=1 continues an earlier run of the same pair and config up to
-#   MINUTES of training in all.
+#   MINUTES of training in all. MEMBERS=N trains N seeds side by side and chooses on val
+#   between each alone and their ensemble (rnmt translate -m a.pt -m b.pt).
 # Data: $MULTI30K (default ../shared/data/multi30k) through prepare.py --from, which checks
 # every file's checksum. Output: work/multi30k/SRC-TGT-CONFIG/ with results.tsv.
 set -euo pipefail
@@ -21,42 +22,66 @@ mkdir -p "$out"
     --from "${MULTI30K:-$root/../shared/data/multi30k}" --out "$data"
 [ -n "${RESUME:-}" ] && [ -d "$out/bin" ] || "$rnmt" preprocess -s "$src" -t "$tgt" --train "$data/raw/train" --valid "$data/raw/val" \
     --test "$data/raw/test_2016_flickr" --vocab-size 8000 --out "$out/bin"
-"$rnmt" train "$out/bin" --save-dir "$out/run" --config "$here/$config.toml" \
-    --max-time "$minutes" --device "$device" ${RESUME:+--resume} 2> >(tee "$out/train.log" >&2)
+# MEMBERS=N trains N models side by side (seeds 1..N; member 1 in run/, member k in runK/)
+# and translates with their ensemble, as one would on a GPU with room for several runs.
+members="${MEMBERS:-1}"; runs=(); pids=()
+for k in $(seq 1 "$members"); do
+    run="$out/run"; [ "$k" = 1 ] || run="$out/run$k"; runs+=("$run")
+    log="$out/train.log"; [ "$k" = 1 ] || log="$out/train$k.log"
+    "$rnmt" train "$out/bin" --save-dir "$run" --config "$here/$config.toml" --seed "$k" \
+        --max-time "$minutes" --device "$device" ${RESUME:+--resume} 2> >(tee "$log" >&2) &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 bleu() {  # bleu HYP REF: sacreBLEU of HYP against REF, two decimals
     "$rnmt" score --ref "$2" "$1" --json \
         | "$python" -c "import json,sys; print(round(json.load(sys.stdin)['bleu']['score'], 2))"
 }
+translate() {  # translate ALPHA INPUT OUTPUT CHECKPOINT...: beam 5, one model or an ensemble
+    local alpha="$1" input="$2" output="$3"; shift 3
+    local models=(); for checkpoint in "$@"; do models+=(-m "$checkpoint"); done
+    "$rnmt" translate "${models[@]}" --beam 5 --length-penalty "$alpha" --device "$device" \
+        < "$input" > "$output"
+}
 
-# The best configuration picks on val (never on test) between the best checkpoint and the
-# average of the last 5 (fairseq's average_checkpoints), and the GNMT length penalty.
-model="$out/run/best.pt"; alpha=1.0
+# The best configuration picks on val (never on test) the system and the GNMT length
+# penalty: one run's best checkpoint or the average of its last 5 (fairseq's
+# average_checkpoints); with MEMBERS > 1, each member alone (α 1.0) or the ensemble of all.
+model=(); for run in "${runs[@]}"; do model+=("$run/best.pt"); done
+system="best.pt"; [ "$members" = 1 ] || system="ensemble-of-$members"; alpha=1.0
 if [ "$config" = best ] && [ "${TUNE:-1}" = 1 ]; then
-    "$rnmt" average --last 5 --save-dir "$out/run" -o "$out/average.pt" >&2 || true
-    echo -e "checkpoint\tlength_penalty\tval_BLEU" > "$out/tuning.tsv"
+    candidates=()  # "label checkpoint..." each
+    if [ "$members" = 1 ]; then
+        "$rnmt" average --last 5 --save-dir "$out/run" -o "$out/average.pt" >&2 || true
+        candidates+=("best.pt $out/run/best.pt")
+        [ -f "$out/average.pt" ] && candidates+=("average.pt $out/average.pt")
+    else
+        for run in "${runs[@]}"; do candidates+=("$(basename "$run")/best.pt $run/best.pt"); done
+        candidates+=("$system ${model[*]}")
+    fi
+    echo -e "system\tlength_penalty\tval_BLEU" > "$out/tuning.tsv"
     top=-1
-    for ckpt in "$out/run/best.pt" "$out/average.pt"; do
-        [ -f "$ckpt" ] || continue
-        for a in 0.6 1.0 1.4; do
-            "$rnmt" translate -m "$ckpt" --beam 5 --length-penalty "$a" --device "$device" \
-                < "$data/raw/val.$src" > "$out/val.hyp.$tgt"
+    for candidate in "${candidates[@]}"; do
+        read -ra words <<< "$candidate"; label="${words[0]}"; paths=("${words[@]:1}")
+        alphas=(0.6 1.0 1.4); [ "$members" = 1 ] || [ "${#paths[@]}" -gt 1 ] || alphas=(1.0)
+        for a in "${alphas[@]}"; do
+            translate "$a" "$data/raw/val.$src" "$out/val.hyp.$tgt" "${paths[@]}"
             score="$(bleu "$out/val.hyp.$tgt" "$data/raw/val.$tgt")"
-            echo -e "$(basename "$ckpt")\t$a\t$score" >> "$out/tuning.tsv"
+            echo -e "$label\t$a\t$score" >> "$out/tuning.tsv"
             if "$python" -c "import sys; sys.exit(not $score > $top)"; then
-                top="$score"; model="$ckpt"; alpha="$a"
+                top="$score"; model=("${paths[@]}"); alpha="$a"; system="$label"
             fi
         done
     done
     cat "$out/tuning.tsv" >&2
 fi
 
-echo -e "test\tBLEU\tchrF\tsignature\tcheckpoint\tlength_penalty" > "$out/results.tsv"
+echo -e "test\tBLEU\tchrF\tsignature\tsystem\tlength_penalty" > "$out/results.tsv"
 for test in test_2016_flickr test_2017_flickr; do
-    "$rnmt" translate -m "$model" --beam 5 --length-penalty "$alpha" --device "$device" \
-        < "$data/raw/$test.$src" > "$out/$test.hyp.$tgt"
+    translate "$alpha" "$data/raw/$test.$src" "$out/$test.hyp.$tgt" "${model[@]}"
     "$rnmt" score --ref "$data/raw/$test.$tgt" "$out/$test.hyp.$tgt" --json \
-        | "$python" -c "import json,sys; d=json.load(sys.stdin); print('$test', round(d['bleu']['score'],2), round(d['chrf']['score'],2), d['bleu']['signature'], '$(basename "$model")', $alpha, sep='\t')" \
+        | "$python" -c "import json,sys; d=json.load(sys.stdin); print('$test', round(d['bleu']['score'],2), round(d['chrf']['score'],2), d['bleu']['signature'], '$system', $alpha, sep='\t')" \
         >> "$out/results.tsv"
 done
 cat "$out/results.tsv"
