@@ -51,19 +51,19 @@ translate() {  # translate ALPHA INPUT OUTPUT CHECKPOINT...: beam 5, one model o
 model=(); for run in "${runs[@]}"; do model+=("$run/best.pt"); done
 system="best.pt"; [ "$members" = 1 ] || system="ensemble-of-$members"; alpha=1.0
 if [ "$config" = best ] && [ "${TUNE:-1}" = 1 ]; then
-    candidates=()  # "label checkpoint..." each
+    candidates=()  # "label<TAB>checkpoint<TAB>..." each (tabs: paths may hold spaces)
     if [ "$members" = 1 ]; then
         "$rnmt" average --last 5 --save-dir "$out/run" -o "$out/average.pt" >&2 || true
-        candidates+=("best.pt $out/run/best.pt")
-        [ -f "$out/average.pt" ] && candidates+=("average.pt $out/average.pt")
+        candidates+=("best.pt"$'\t'"$out/run/best.pt")
+        [ -f "$out/average.pt" ] && candidates+=("average.pt"$'\t'"$out/average.pt")
     else
-        for run in "${runs[@]}"; do candidates+=("$(basename "$run")/best.pt $run/best.pt"); done
-        candidates+=("$system ${model[*]}")
+        for run in "${runs[@]}"; do candidates+=("$(basename "$run")/best.pt"$'\t'"$run/best.pt"); done
+        candidates+=("$system$(printf '\t%s' "${model[@]}")")
     fi
     echo -e "system\tlength_penalty\tval_BLEU" > "$out/tuning.tsv"
     top=-1
     for candidate in "${candidates[@]}"; do
-        read -ra words <<< "$candidate"; label="${words[0]}"; paths=("${words[@]:1}")
+        IFS=$'\t' read -ra words <<< "$candidate"; label="${words[0]}"; paths=("${words[@]:1}")
         alphas=(0.6 1.0 1.4); [ "$members" = 1 ] || [ "${#paths[@]}" -gt 1 ] || alphas=(1.0)
         for a in "${alphas[@]}"; do
             translate "$a" "$data/raw/val.$src" "$out/val.hyp.$tgt" "${paths[@]}"
