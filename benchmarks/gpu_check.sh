@@ -91,8 +91,9 @@ done
 wait "${pids[@]}"
 for pair in de-en en-de en-fr; do
     dir="$root/work/multi30k/$pair-best"
-    for file in results.tsv tuning.tsv run/metrics.jsonl run2/metrics.jsonl run3/metrics.jsonl; do
-        [ -f "$dir/$file" ] && cp "$dir/$file" "$logs/best.$pair.${file//\//.}"
+    for path in "$dir"/results.tsv "$dir"/tuning.tsv "$dir"/run*/metrics.jsonl; do
+        file="${path#"$dir"/}"  # run2/metrics.jsonl -> best.de-en.run2.metrics.jsonl
+        [ -f "$path" ] && cp "$path" "$logs/best.$pair.${file//\//.}"
     done
     log "best $pair: $(grep -E "done|stopp" "$logs/best.$pair.log" | tr '\n' ' ')"
     cat "$logs/best.$pair.tuning.tsv" "$logs/best.$pair.results.tsv" 2>/dev/null \
