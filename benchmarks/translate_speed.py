@@ -32,28 +32,34 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 from common import cpu_name, run_child
 
-# name: (beam, precision, quantize, workers, pack)
-VARIANTS: dict[str, tuple[int, str, str, int, bool]] = {
-    "greedy": (1, "fp32", "none", 1, True),
-    "beam5": (5, "fp32", "none", 1, True),
-    "beam5-int8": (5, "fp32", "int8", 1, True),
-    "beam5-bf16": (5, "bf16", "none", 1, True),
-    "greedy-int8": (1, "fp32", "int8", 1, True),
-    "greedy-bf16": (1, "bf16", "none", 1, True),
-    "beam5-fp16": (5, "fp16", "none", 1, True),
-    "greedy-fp16": (1, "fp16", "none", 1, True),
-    # --workers 2: two batches searched at once, one thread each (--threads 2)
-    "greedy-w2": (1, "fp32", "none", 2, True),
-    "beam5-w2": (5, "fp32", "none", 2, True),
-    "beam5-int8-w2": (5, "fp32", "int8", 2, True),
-    # fp32 on torch's own kernels, not packed for oneDNN (rnmt.step_layers): decode-only,
-    # the command line always packs
-    "greedy-unpacked": (1, "fp32", "none", 1, False),
-    "beam5-unpacked": (5, "fp32", "none", 1, False),
+class Variant(NamedTuple):
+    beam: int
+    precision: str = "fp32"
+    quantize: str = "none"
+    workers: int = 1  # 2: two batches searched at once, one thread each (--threads 2)
+    pack: bool = True  # False: fp32 on torch's own kernels, not rnmt.step_layers' oneDNN;
+    # decode-only, since the command line always packs
+
+
+VARIANTS: dict[str, Variant] = {
+    "greedy": Variant(1),
+    "beam5": Variant(5),
+    "beam5-int8": Variant(5, quantize="int8"),
+    "beam5-bf16": Variant(5, "bf16"),
+    "greedy-int8": Variant(1, quantize="int8"),
+    "greedy-bf16": Variant(1, "bf16"),
+    "beam5-fp16": Variant(5, "fp16"),
+    "greedy-fp16": Variant(1, "fp16"),
+    "greedy-w2": Variant(1, workers=2),
+    "beam5-w2": Variant(5, workers=2),
+    "beam5-int8-w2": Variant(5, quantize="int8", workers=2),
+    "greedy-unpacked": Variant(1, pack=False),
+    "beam5-unpacked": Variant(5, pack=False),
 }
 DEFAULT_VARIANTS = ["greedy", "beam5", "beam5-int8", "beam5-bf16"]
 
@@ -68,10 +74,9 @@ class Measured:
     outputs: list[str] = field(default_factory=list)
 
 
-def cli_args(beam: int, precision: str, quantize: str, workers: int,
-             args: argparse.Namespace) -> list[str]:
-    return ["--beam", str(beam), "--precision", precision, "--quantize", quantize,
-            "--workers", str(workers),
+def cli_args(v: Variant, args: argparse.Namespace) -> list[str]:
+    return ["--beam", str(v.beam), "--precision", v.precision, "--quantize", v.quantize,
+            "--workers", str(v.workers),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads),
             "--device", args.device]
 
@@ -128,12 +133,12 @@ def main() -> None:
 
     translators = {}
     for name in args.variants:
-        beam, precision, quantize, workers, pack = VARIANTS[name]
-        translators[name] = Translator.load(args.checkpoint, SearchConfig(beam=beam),
+        v = VARIANTS[name]
+        translators[name] = Translator.load(args.checkpoint, SearchConfig(beam=v.beam),
                                             device=args.device, batch_size=args.batch_size,
                                             buffer_size=max(1, len(lines)),
-                                            precision=precision, quantize=quantize,
-                                            workers=workers, pack=pack)
+                                            precision=v.precision, quantize=v.quantize,
+                                            workers=v.workers, pack=v.pack)
     results = {name: Measured() for name in args.variants}
     cuda = args.device.startswith("cuda")
     for run in range(args.runs):
@@ -147,8 +152,8 @@ def main() -> None:
             m.outputs = [t.text for t in best]
             m.pieces = sum(len(t.pieces) + 1 for t in best)
             line = f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s"
-            if VARIANTS[name][4]:  # the command line packs: unpacked variants are decode-only
-                options = cli_args(*VARIANTS[name][:4], args)
+            if VARIANTS[name].pack:  # the command line packs: unpacked variants are decode-only
+                options = cli_args(VARIANTS[name], args)
                 seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options,
                                                  args.threads)
                 m.whole.append(seconds)
