@@ -8,22 +8,13 @@ W_q, the deep-output / Luong output layer, the tied projection and the vocabular
 projection, each by `linear(weight, bias)`. The encoder, embeddings, gate arithmetic and
 attention scores stay as they are. Two kinds of `linear`:
 
-- `OneDNNLinear` (here): fp32, the weight reordered once into oneDNN's blocked layout.
-  `pack_for_cpu` swaps these in for every fp32 translation on a CPU: same numbers up to
-  rounding, and faster than torch's fp32 `addmm` (MKL), whose small-row products use one
-  core. Measured on the development machine (AMD EPYC, AVX2, 2 threads, torch 2.13 CPU),
-  ms per product, (rows × 1280) @ (1280 × 2048):
-
-      rows         5     40     64    160    320    500
-      addmm      1.20   4.20   5.99   9.84  15.16  27.38
-      oneDNN     0.41   2.16   3.37   7.04  14.02  21.20
-
-  Beam 5 over Multi30k test_2016 with the reference model: 1.21× the unpacked speed
-  (1.17–1.40× over five comparisons), greedy 1.28×, BLEU unchanged
-  (`benchmarks/translate_speed.py`, variants `-unpacked`).
-  The ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`) are the ones
-  torch.compile's CPU backend packs weights with; a torch build without them, or without
-  oneDNN, keeps the model as it is (`onednn_available`).
+- `OneDNNLinear` (`rnmt.nn.onednn`, with the measurements): fp32, the weight reordered
+  once into oneDNN's blocked layout. `pack_for_cpu` swaps these in for every fp32
+  translation on a CPU: same numbers up to rounding, and faster than torch's fp32 `addmm`
+  (MKL), whose small-row products use one core. Beam 5 over Multi30k test_2016 with the
+  reference model: 1.21× the unpacked speed (1.17–1.40× over five comparisons), greedy
+  1.28×, BLEU unchanged (`benchmarks/translate_speed.py`, variants `-unpacked`). A torch
+  build without oneDNN keeps the model as it is (`onednn_available`).
 - `rnmt.quantize.Int8Linear`: int8 weights and activations (`--quantize int8`).
 
 Checkpoints never hold packed layers: packing happens after loading, and the model's
@@ -32,72 +23,16 @@ state dict no longer describes the swapped layers.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from rnmt.nn.onednn import OneDNNLinear, onednn_available, row_bucket  # noqa: F401
 from rnmt.nn.rnn import RNN, State, step_stack
 
 # A linear layer from an fp32 weight (out_features, in_features) and an optional bias.
 LinearFactory = Callable[[Tensor, "Tensor | None"], nn.Module]
-
-
-def row_bucket(rows: int) -> int:
-    """The row count a product of `rows` rows runs at: the next multiple of 8 up to 64,
-    then of a quarter of the power of two below (80, 96, 112, 128, 160, …, 256, 320, …).
-
-    A beam search's row count falls one sentence at a time. Run at every count, oneDNN
-    builds a kernel per count, and the inputs, outputs and buffers of hundreds of sizes
-    leave the heap fragmented: the reference model's four step layers, run at every count
-    from 1 to 320, grew the resident set by 800 MB, against 58 MB at these 17 sizes (and
-    43 MB for torch's addmm) and ran 1.3× slower (`benchmarks/step_layers_memory.py`). At
-    most 7 padding rows up to 64 rows, at most 25 % more above; 3.4 % more over a beam-5
-    search of Multi30k test_2016, and none at full batch and beam (64 × 5 = 320 is a
-    size)."""
-    if rows <= 64:
-        return max(8, -(-rows // 8) * 8)
-    step = 1 << (rows - 1).bit_length() - 3
-    return -(-rows // step) * step
-
-
-class OneDNNLinear(nn.Module):
-    """y = x Wᵀ + b in fp32 through oneDNN, the weight reordered once at construction.
-    Shapes: x (..., in_features) -> (..., out_features). Inference only (no autograd).
-    Inputs run padded to `row_bucket` rows."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        super().__init__()
-        w = weight.detach().float().cpu().contiguous()
-        self.out_features, self.in_features = w.shape
-        # The row-count hint only tunes the blocking; any number of rows runs.
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous()
-        rows, size = flat.size(0), row_bucket(flat.size(0))
-        if size > rows:  # full batches (64 × beam 5 = 320 rows) are a size already: no copy
-            # Rows are independent: the zero rows only fill the kernel's shape.
-            flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
-        y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._bias, "none", [], "")
-        return y[:rows].view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
-
-
-@functools.cache
-def onednn_available() -> bool:
-    """Whether this torch build runs `OneDNNLinear` (and gets its answer right)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        weight, x = torch.randn(8, 4), torch.randn(3, 4)
-        return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
-    except (AttributeError, RuntimeError):  # ops missing from this build or refused
-        return False
 
 
 class StepRecurrent(nn.Module):

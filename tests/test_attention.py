@@ -77,3 +77,25 @@ def test_search_computes_the_additive_scores_a_few_sentences_at_a_time(monkeypat
         assert calls == ([2, 1] if chunk == 400 else [1, 1, 1])
         for a, b in zip(chunked, whole):
             torch.testing.assert_close(a, b.detach())
+
+
+@pytest.mark.parametrize("steps", [1, 4])  # one decoder step (Bahdanau), all steps (Luong)
+def test_training_gradients_of_the_additive_score_are_the_papers_formulas(steps):
+    """With autograd on, the additive score runs a hand-written backward: the gradients of
+    the query, the memory and every parameter equal autograd's through vᵀtanh(W_q q + W_k h)."""
+    query, memory, mask = _inputs(steps=steps)
+    attention = Attention("bahdanau", 10, 10, 8).double()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.normal_(0.0, 1.0)
+    weights_of = {
+        "hand-written": lambda q, m: attention(q, attention.keys(m), m, mask)[1],
+        "autograd": lambda q, m: _expected_weights(attention, q, m, mask),
+    }
+    grads = {}
+    for name, weights in weights_of.items():
+        q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
+        loss = (weights(q, m) * torch.arange(6.0, dtype=torch.float64)).sum()
+        grads[name] = torch.autograd.grad(loss, [q, m, *attention.parameters()])
+    for got, want in zip(grads["hand-written"], grads["autograd"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

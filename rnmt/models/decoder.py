@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from rnmt.models.encoder import EncoderOut
 from rnmt.nn.attention import Attention
-from rnmt.nn.rnn import RNN, State
+from rnmt.nn.rnn import RNN, State, Stepper
 
 
 @dataclass
@@ -130,10 +130,15 @@ class AttentionDecoder(nn.Module):
             return o, attn
         if self.bahdanau:
             return self._bahdanau_forward(emb, state, enc)
+        # Luong with input feeding: s_t = RNN([E y_{t-1}; h̃_{t-1}], s_{t-1}), as `_step`.
+        stepper = Stepper(self.rnn, emb)
         outputs, attns = [], []
-        for emb_t in emb.unbind(1):  # unbind, not emb[:, t]: see _bahdanau_forward
-            o, state, attn = self._step(emb_t, state, enc)
-            outputs.append(o)
+        hidden, feed = state.hidden, state.feed
+        for t in range(emb.size(1)):
+            s, hidden = stepper.step(t, feed, hidden)
+            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
+            feed = self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1))))
+            outputs.append(feed)
             attns.append(attn)
         return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)
 
@@ -146,12 +151,11 @@ class AttentionDecoder(nn.Module):
         assert enc.keys is not None
         hidden = state.hidden
         states, contexts, attns = [], [], []
-        # unbind: its backward stacks the steps' gradients once; indexing emb[:, t] in the
-        # loop would make every step's backward zero-fill and add a whole (batch, tgt_len,
-        # emb) gradient (measured: ~7% of a training step of the reference model).
-        for emb_t in emb.unbind(1):
+        # The embeddings' share of the RNN input product runs for all steps at once.
+        stepper = Stepper(self.rnn, emb)
+        for t in range(emb.size(1)):
             context, attn = self.attention(_top(hidden), enc.keys, enc.memory, enc.mask)
-            s, hidden = self.rnn.step(torch.cat([emb_t, context], dim=-1), hidden)
+            s, hidden = stepper.step(t, context, hidden)
             states.append(s)
             contexts.append(context)
             attns.append(attn)

@@ -116,6 +116,40 @@ class Attention(nn.Module):
                           for q, k in zip(query.split(chunk), keys.split(chunk))])
 
     def _additive_part(self, query: Tensor, keys: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return _AdditiveScores.apply(query, keys, self.v.weight.view(-1))
         # (batch, steps, 1, attn) + (batch, 1, src_len, attn); σ in place: held once.
         hidden = (query.unsqueeze(2) + keys.unsqueeze(1)).sigmoid_()
         return self.v(hidden).squeeze(-1).mul_(2.0)
+
+
+class _AdditiveScores(torch.autograd.Function):
+    """scores = 2 vᵀσ(q_t + k_j) with a hand-written backward (the training path).
+
+    Shapes: query (batch, steps, attn), keys (batch, src_len, attn), v (attn,) -> scores
+    (batch, steps, src_len). With z = q_t + k_j and a = σ(z), the only tensor kept is a
+    (batch, steps, src_len, attn), and the backward turns it, in place, into
+
+        ∂scores/∂z = 2 v ⊙ a ⊙ (1 - a)     (times the incoming gradient)
+
+    whose sums over src_len and steps are dq and dk; dv = 2 Σ g a is taken first.
+    Autograd through the forward's ops would allocate three more tensors of that size per
+    step (the v product's gradient, σ's, the broadcast's), the largest of a training step
+    of the reference model after the vocabulary's. One backward per forward (it consumes
+    what it saved).
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, keys: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        hidden = (query.unsqueeze(2) + keys.unsqueeze(1)).sigmoid_()
+        ctx.save_for_backward(hidden, v)
+        return torch.matmul(hidden, v).mul_(2.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        hidden, v = ctx.saved_tensors
+        grad = grad * 2.0  # (batch, steps, src_len)
+        grad_v = (grad.reshape(1, -1) @ hidden.reshape(-1, hidden.size(-1))).view(-1)
+        dz = hidden.addcmul_(hidden, hidden, value=-1.0)  # a - a² = a(1 - a)
+        dz.mul_(v).mul_(grad.unsqueeze(-1))
+        return dz.sum(2), dz.sum(1), grad_v

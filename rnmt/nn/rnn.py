@@ -3,7 +3,9 @@
 Two implementations of the same function, on the same parameters:
 
 - `impl="fused"` (default): the fused `torch.nn.RNN/LSTM/GRU` on packed sequences (cuDNN
-  on a GPU, oneDNN kernels on a CPU), so padding never reaches the recurrence.
+  on a GPU, oneDNN kernels on a CPU), so padding never reaches the recurrence. (An LSTM
+  training on the CPU takes the dense kernel with padding held inert instead, which is
+  faster there: `RNN._dense_lstm_forward`.)
 - `impl="reference"`: the readable cells of `rnmt.nn.cells`, one Python step per token,
   run on the fused layer's own weights (`torch.func.functional_call` with
   `cells.parameters_from_torch`). Slow, but every step is the lecture's equation, and a
@@ -26,6 +28,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnmt.nn import cells
+from rnmt.nn.onednn import RecurrentProduct, onednn_available
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -107,10 +110,70 @@ class RNN(nn.Module):
             return self._reference_forward(x, lengths, state)
         if lengths is None:
             return self.layer(x, state)
+        if self.cell == "lstm" and x.device.type == "cpu" and torch.is_grad_enabled():
+            return self._dense_lstm_forward(x, lengths, state)
+        return self._packed_forward(x, lengths, state)
+
+    def _packed_forward(
+        self, x: Tensor, lengths: Tensor, state: State | None
+    ) -> tuple[Tensor, State]:
+        """The fused layer on a packed sequence: padding never enters the recurrence."""
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.layer(packed, state)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
         return out, final
+
+    def _dense_lstm_forward(
+        self, x: Tensor, lengths: Tensor, state: State | None
+    ) -> tuple[Tensor, State]:
+        """What the packed-sequence LSTM computes, through the dense (oneDNN) LSTM kernel.
+
+        Why: on the CPU torch runs a packed LSTM one step at a time, and its backward
+        zero-fills and adds a whole (Σ lengths, 4 * hidden) gradient at every step; the dense
+        kernel is one oneDNN primitive forward and backward (reference encoder, training:
+        1.6× faster forward + backward). Two things make the padding harmless:
+
+        - the reverse direction reads each row reversed within its own length, so its
+          padding too comes after the real pieces; its outputs are reversed back;
+        - every padded position gets an extra input feature 1 whose weights add −SATURATE
+          to the input gate and +SATURATE to the forget gate. There i = 0 and f = 1 exactly
+          (σ saturates), so c_t = f ⊙ c_{t-1} + i ⊙ g = c_{t-1} bit for bit: the last c is
+          the c of each row's last real piece. The final h is read from the outputs at
+          length - 1, and padded outputs are zeroed as `pad_packed_sequence` does.
+
+        Gradients are the packed LSTM's too: at padded positions σ'(±SATURATE) = 0, so no
+        gradient reaches the gates there, and dc passes through f = 1 unchanged.
+        Shapes as `forward`.
+        """
+        batch, steps, _ = x.shape
+        hidden = self.hidden_size
+        positions = torch.arange(steps)
+        valid = positions[None, :] < lengths[:, None]  # (batch, steps)
+        pad_feature = (~valid).unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
+        within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
+        last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
+        pad_weights = x.new_zeros(4 * hidden, 1)  # torch's gate order: i, f, g, o
+        pad_weights[:hidden] = -SATURATE
+        pad_weights[hidden : 2 * hidden] = SATURATE
+
+        def run(k: int, reverse: bool, x: Tensor, initial: State) -> tuple[Tensor, State]:
+            suffix = f"_l{k}" + ("_reverse" if reverse else "")
+            weights = [
+                torch.cat([getattr(self.layer, "weight_ih" + suffix), pad_weights], 1),
+                getattr(self.layer, "weight_hh" + suffix),
+                getattr(self.layer, "bias_ih" + suffix),
+                getattr(self.layer, "bias_hh" + suffix),
+            ]
+            inputs = _reverse_within(x, within) if reverse else x
+            h0, c0 = initial
+            out, _, c = torch.lstm(torch.cat([inputs, pad_feature], -1),
+                                   (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1, 0.0,
+                                   self.training, False, True)
+            h = out.gather(1, last).squeeze(1)
+            out = _reverse_within(out, within) if reverse else out
+            return out * valid.unsqueeze(-1).to(out.dtype), (h, c[0])
+
+        return self._layer_by_layer(x, state, run)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One time step of a unidirectional stack. Shapes: x (batch, input) -> (batch, hidden).
@@ -146,12 +209,26 @@ class RNN(nn.Module):
         """The fused layer's computation, spelled out: layer by layer, direction by
         direction, each one a `run_cell` loop; outputs and final states as torch lays them out.
         """
-        batch = x.size(0)
         if lengths is None:
-            lengths = torch.full((batch,), x.size(1), dtype=torch.long)
+            lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long)
+
+        def run(k: int, reverse: bool, x: Tensor, initial: State) -> tuple[Tensor, State]:
+            return functional_call(self._readable[k], self._parameters_of(k, reverse),
+                                   (x, lengths, initial, reverse))
+
+        return self._layer_by_layer(x, state, run)
+
+    def _layer_by_layer(
+        self, x: Tensor, state: State | None,
+        run: Callable[[int, bool, Tensor, State], tuple[Tensor, State]],
+    ) -> tuple[Tensor, State]:
+        """The stack, one layer and direction at a time: `run(k, reverse, x, initial)` gives
+        one direction's outputs (batch, seq, hidden) and final state; a layer's directions,
+        concatenated, feed the next (with dropout between layers when training). Initial
+        states default to zeros; final states are laid out as torch's (layer-major)."""
         is_lstm = self.cell == "lstm"
         if state is None:
-            zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+            zeros = x.new_zeros(self.num_layers * self.directions, x.size(0), self.hidden_size)
             state = (zeros, zeros.clone()) if is_lstm else zeros
         h_all, c_all = state if isinstance(state, tuple) else (state, None)
         final_h, final_c = [], []
@@ -162,10 +239,7 @@ class RNN(nn.Module):
             for direction in range(self.directions):
                 i = k * self.directions + direction  # torch's index: layer-major
                 initial = (h_all[i], c_all[i]) if is_lstm else h_all[i]
-                out, final = functional_call(
-                    self._readable[k], self._parameters_of(k, direction == 1),
-                    (x, lengths, initial, direction == 1),
-                )
+                out, final = run(k, direction == 1, x, initial)
                 outputs.append(out)
                 final_h.append(final[0] if is_lstm else final)
                 if is_lstm:
@@ -174,6 +248,73 @@ class RNN(nn.Module):
         if is_lstm:
             return x, (torch.stack(final_h), torch.stack(final_c))
         return x, torch.stack(final_h)
+
+
+class Stepper:
+    """`RNN.step` over inputs x_t = [known_t; rest_t] whose `known` part (batch, steps, d)
+    is there for every step from the start (a decoder's embeddings; rest_t is its context
+    vector or attentional state, known only at step t).
+
+    Training a fused LSTM in fp32 on the CPU, the known part's share of the first layer's
+    gate product, W_ih[:, :d] known_t + b_ih + b_hh, runs once for all steps (one large
+    product), and each step computes only
+
+        a_t = pre_t + [W_ih[:, d:]  W_hh] [rest_t; h_{t-1}]     one `RecurrentProduct`
+        i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g);  c_t = f ⊙ c_{t-1} + i ⊙ g
+        h_t = o ⊙ tanh(c_t)
+
+    with upper layers as in `RNN.step`. The per-step products and their gradients were
+    most of a teacher-forced decoder's time there: `RecurrentProduct` runs them on oneDNN
+    and forms the weight's gradient once. Anywhere else (GPU, autocast, other cells, the
+    reference cells, no autograd) each step is `RNN.step` on the concatenated input.
+    Same numbers up to rounding either way.
+    """
+
+    def __init__(self, rnn: nn.Module, known: Tensor) -> None:
+        """rnn: an `RNN`, or any module with its `step` (`rnmt.step_layers.StepRecurrent`)."""
+        self.rnn = rnn
+        self.fast = (isinstance(rnn, RNN) and rnn.cell == "lstm" and rnn.impl == "fused"
+                     and _onednn_trains(known))
+        if not self.fast:
+            self.known = known.unbind(1)  # unbind: its backward stacks the steps' grads once
+            return
+        layer, d = rnn.layer, known.size(-1)
+        w_ih = layer.weight_ih_l0
+        self.pre = F.linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0).unbind(1)
+        self.rest_product = RecurrentProduct(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1))
+
+    def step(self, t: int, rest: Tensor, state: State) -> tuple[Tensor, State]:
+        """Step t with rest_t (batch, input - d): the top layer's h and the new state,
+        as `RNN.step`."""
+        if not self.fast:
+            return self.rnn.step(torch.cat([self.known[t], rest], dim=-1), state)
+        pre, rest_product = self.pre[t], self.rest_product
+
+        def step_layer(k: int, x: Tensor, layer_state: State) -> State:
+            if k > 0:
+                return self.rnn._step_layer(k, x, layer_state)
+            h, c = layer_state
+            gates = rest_product(torch.cat([x, h], dim=-1)) + pre
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+
+        return step_stack(step_layer, self.rnn.num_layers, rest, state,
+                          self.rnn.layer.dropout, self.rnn.training)
+
+
+def _onednn_trains(x: Tensor) -> bool:
+    """Whether per-step products with x's dtype and device train on oneDNN: fp32 on the
+    CPU, oneDNN built and switched on, no autocast (whose 16-bit products it would skip)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled and not _cpu_autocast() and onednn_available())
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: int, x: Tensor,
@@ -202,6 +343,18 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
     if is_lstm:
         return x, (torch.stack(new_h), torch.stack(new_c))
     return x, torch.stack(new_h)
+
+
+# A gate pre-activation where σ is exactly 0 or 1 in fp32, bf16 and fp16 (σ(16) rounds to
+# 1 in fp32 already): `RNN._dense_lstm_forward` holds the LSTM state still with it.
+SATURATE = 1e4
+
+
+def _reverse_within(x: Tensor, within: Tensor) -> Tensor:
+    """Each row of x (batch, steps, features) reversed within its length; `within`
+    (batch, steps) holds, per row, the source position of every output position (padded
+    positions map to themselves). Its own inverse."""
+    return x.gather(1, within.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
 STEP_KERNELS = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}

@@ -1,0 +1,170 @@
+"""fp32 matrix products through oneDNN, with the weight reordered once into oneDNN's
+blocked layout, for the products a recurrence repeats at every step.
+
+torch's fp32 `addmm` (MKL) runs products of a few dozen to a few hundred rows on one core;
+oneDNN spreads them over the threads. Measured on the development machine (AMD EPYC,
+AVX2, 2 threads, torch 2.13 CPU), ms per product:
+
+    (rows × 1280) @ (1280 × 2048)     5     40     64    160    320    500 rows
+    addmm                           1.20   4.20   5.99   9.84  15.16  27.38
+    oneDNN                          0.41   2.16   3.37   7.04  14.02  21.20
+
+- `OneDNNLinear`: inference (`rnmt.step_layers` swaps it into a loaded model).
+- `RecurrentProduct`: training, for a weight multiplied at every step of a teacher-forced
+  recurrence (`rnmt.nn.rnn.Stepper`).
+
+The ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`) are the ones
+torch.compile's CPU backend packs weights with; a torch build without them, or without
+oneDNN, does without (`onednn_available`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a product of `rows` rows runs at: the next multiple of 8 up to 64,
+    then of a quarter of the power of two below (80, 96, 112, 128, 160, …, 256, 320, …).
+
+    A beam search's row count falls one sentence at a time. Run at every count, oneDNN
+    builds a kernel per count, and the inputs, outputs and buffers of hundreds of sizes
+    leave the heap fragmented: the reference model's four step layers, run at every count
+    from 1 to 320, grew the resident set by 800 MB, against 58 MB at these 17 sizes (and
+    43 MB for torch's addmm) and ran 1.3× slower (`benchmarks/step_layers_memory.py`). At
+    most 7 padding rows up to 64 rows, at most 25 % more above; 3.4 % more over a beam-5
+    search of Multi30k test_2016, and none at full batch and beam (64 × 5 = 320 is a
+    size)."""
+    if rows <= 64:
+        return max(8, -(-rows // 8) * 8)
+    step = 1 << (rows - 1).bit_length() - 3
+    return -(-rows // step) * step
+
+
+class OneDNNLinear(nn.Module):
+    """y = x Wᵀ + b in fp32 through oneDNN, the weight reordered once at construction.
+    Shapes: x (..., in_features) -> (..., out_features). Inference only (no autograd).
+    Inputs run padded to `row_bucket` rows."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        w = weight.detach().float().cpu().contiguous()
+        self.out_features, self.in_features = w.shape
+        # The row-count hint only tunes the blocking; any number of rows runs.
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()
+        rows, size = flat.size(0), row_bucket(flat.size(0))
+        if size > rows:  # full batches (64 × beam 5 = 320 rows) are a size already: no copy
+            # Rows are independent: the zero rows only fill the kernel's shape.
+            flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._bias, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build runs `OneDNNLinear` (and gets its answer right)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight, x = torch.randn(8, 4), torch.randn(3, 4)
+        return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
+    except (AttributeError, RuntimeError):  # ops missing from this build or refused
+        return False
+
+
+def _linear(x: Tensor, packed: Tensor) -> Tensor:
+    """x Wᵀ for x (rows, in) with W reordered by `_reorder_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _reorder(weight: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+class _Pass:
+    """What the steps of one forward/backward pass share: W reordered for the forward
+    products, Wᵀ for the backward ones (reordered at the first backward step), and every
+    step's (x_t, dy_t) until the weight's gradient is formed."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight.detach()
+        self.packed = _reorder(self.weight)
+        self._packed_t: Tensor | None = None
+        self.inputs: list[Tensor] = []
+        self.grads: list[Tensor] = []  # in backward order: last step first
+
+    def packed_t(self) -> Tensor:
+        if self._packed_t is None:
+            self._packed_t = _reorder(self.weight.t())
+        return self._packed_t
+
+
+class _WeightGradient(torch.autograd.Function):
+    """The weight's single node in the graph: forward hands out a scalar that every step
+    takes as an input, so autograd runs this backward after all the steps' backwards, when
+    it forms dW = Σ_t dy_tᵀ x_t as one product over all steps' rows."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, shared: _Pass) -> Tensor:  # type: ignore[override]
+        ctx.shared = shared
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        shared: _Pass = ctx.shared
+        grads = shared.grads[::-1]  # forward order, to pair with the inputs
+        inputs = shared.inputs[: len(grads)]  # the steps backward reached (all, usually)
+        shared.grads, shared.inputs = [], []
+        return torch.cat(grads).t() @ torch.cat(inputs), None
+
+
+class _StepProduct(torch.autograd.Function):
+    """y_t = x_t Wᵀ; backward dx_t = dy_t W (oneDNN), and dy_t kept for `_WeightGradient`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token: Tensor, shared: _Pass) -> Tensor:  # type: ignore[override]
+        ctx.shared = shared
+        shared.inputs.append(x)
+        return _linear(x, shared.packed)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        shared: _Pass = ctx.shared
+        grad = grad.contiguous()
+        shared.grads.append(grad)
+        return _linear(grad, shared.packed_t()), grad.new_zeros(()), None
+
+
+class RecurrentProduct:
+    """x_t Wᵀ at every step t of one teacher-forced pass, W (out, in) fixed for the pass
+    (build one per forward pass: the optimizer changes W between passes). Shapes: x_t
+    (rows, in) -> (rows, out), the same rows at every step.
+
+    - forward: oneDNN, W reordered once per pass;
+    - backward of each step: dx_t = dy_t W, oneDNN, Wᵀ reordered once per pass;
+    - the weight's gradient dW = Σ_t dy_tᵀ x_t: one product whose inner size is all steps'
+      rows, instead of one per step of inner size `rows` plus a running sum. On the
+      reference model (71 rows, 1024 -> 2048) the per-step products ran at ~50 GFLOP/s,
+      the single one at ~115.
+
+    First-order gradients, one backward per forward pass (what training does). The steps'
+    inputs and output gradients are held until the weight's gradient is formed: about
+    the size of the gate activations autograd keeps anyway.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        self._shared = _Pass(weight)
+        self._token = _WeightGradient.apply(weight, self._shared)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _StepProduct.apply(x.contiguous(), self._token, self._shared)

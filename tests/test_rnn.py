@@ -1,0 +1,121 @@
+"""The CPU training paths of the fused LSTM compute what the plain paths compute: the
+dense kernel with padding held inert (what the packed-sequence path gives) and the
+teacher-forced `Stepper` on oneDNN (what `RNN.step` gives): outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnmt.models import ModelConfig, build_model
+from rnmt.nn.onednn import RecurrentProduct, onednn_available
+from rnmt.nn.rnn import RNN, Stepper
+from rnmt.vocab import EOS
+
+
+def _both_paths(rnn: RNN, x: torch.Tensor, lengths: torch.Tensor, state):
+    """(outputs, h, c) and the gradients of a fixed random function of them, for the
+    dense path (`rnn(...)` with autograd on the CPU) and the packed one."""
+    results = []
+    for run in (lambda *a: rnn(*a), rnn._packed_forward):
+        x_leaf = x.clone().requires_grad_()
+        out, (h, c) = run(x_leaf, lengths, state)
+        gen = torch.Generator().manual_seed(7)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum()
+                   for t in (out, h, c))
+        grads = torch.autograd.grad(loss, [x_leaf, *rnn.parameters()])
+        results.append(((out, h, c), grads))
+    return results
+
+
+@pytest.mark.parametrize("bidirectional,layers,with_state",
+                         [(True, 2, False), (False, 1, True), (True, 1, True)])
+def test_dense_lstm_training_path_equals_packed_lstm(bidirectional, layers, with_state):
+    torch.manual_seed(0)
+    rnn = RNN("lstm", 6, 5, layers, bidirectional).double().eval()  # eval: no dropout
+    lengths = torch.tensor([7, 1, 4, 7, 2])
+    x = torch.randn(5, 7, 6, dtype=torch.double)
+    state = None
+    if with_state:
+        shape = (layers * (2 if bidirectional else 1), 5, 5)
+        state = (torch.randn(shape, dtype=torch.double), torch.randn(shape, dtype=torch.double))
+    (dense, dense_grads), (packed, packed_grads) = _both_paths(rnn, x, lengths, state)
+    for a, b in zip(dense, packed):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(dense_grads, packed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_padding_leaves_the_dense_lstm_state_bit_for_bit_unchanged():
+    """σ(±SATURATE) is exactly 1 and 0 in fp32, so nothing in the padding can move the
+    state: the short row's final state is the same, bit for bit, whatever its padding
+    holds, and equals the packed path's."""
+    torch.manual_seed(1)
+    rnn = RNN("lstm", 4, 3, 1, True).eval()
+    batch = torch.randn(2, 12, 4) * 10  # large inputs: gates far from zero
+    lengths = torch.tensor([3, 12])
+    other = batch.clone()
+    other[0, 3:] = torch.randn(9, 4) * 100
+    out, (h, c) = rnn(batch, lengths)
+    _, (h_other, c_other) = rnn(other, lengths)
+    assert torch.equal(h[:, 0], h_other[:, 0]) and torch.equal(c[:, 0], c_other[:, 0])
+    assert torch.equal(out[0, 3:], torch.zeros(9, 6))
+    with torch.no_grad():
+        _, (h_packed, c_packed) = rnn._packed_forward(batch, lengths, None)
+    torch.testing.assert_close(c, c_packed)
+    torch.testing.assert_close(h, h_packed)
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_recurrent_product_gives_the_matmul_and_its_gradients_over_a_recurrence():
+    """h_t = tanh(x_t Wᵀ + h_{t-1}) for 5 steps: outputs and the gradients of x, h_0 and W
+    as plain autograd gives them, with W's gradient formed once after all steps."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, requires_grad=True)
+    xs = torch.randn(5, 3, 6, requires_grad=True)
+    h0 = torch.randn(3, 6, requires_grad=True)
+    results = []
+    for product in (RecurrentProduct(weight * 1.0), lambda x: x @ (weight * 1.0).t()):
+        h, outs = h0, []
+        for x in xs.unbind(0):
+            h = torch.tanh(product(x + h))
+            outs.append(h)
+        out = torch.stack(outs)
+        grads = torch.autograd.grad((out * torch.arange(6.0)).sum(), [xs, h0, weight])
+        results.append((out, grads))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("attention,layers,input_feeding",
+                         [("bahdanau", 1, False), ("bahdanau", 2, False), ("general", 2, True)])
+def test_cpu_training_fast_path_gives_the_gradients_of_the_plain_steps(attention, layers,
+                                                                       input_feeding):
+    """The decoder's teacher-forced steps in fp32 on the CPU take `Stepper`'s fast path
+    (oneDNN products, the embeddings' share precomputed); with oneDNN switched off they
+    are plain `RNN.step`s. Same loss, same gradients for every parameter."""
+    torch.manual_seed(0)
+    config = ModelConfig(src_vocab_size=30, tgt_vocab_size=25, emb_dim=16, hidden_dim=16,
+                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0,
+                         attention=attention, dec_layers=layers, input_feeding=input_feeding)
+    model = build_model(config).train()
+    src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, 0, 0], [11, EOS, 0, 0, 0]])
+    tgt = torch.tensor([[2, 4, 5, 6], [2, 7, 8, 0], [2, 9, 0, 0]])
+    assert Stepper(model.decoder.rnn, torch.zeros(3, 4, 16, requires_grad=True)).fast
+    results = []
+    for onednn in (True, False):
+        model.zero_grad()
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            loss = model(src, torch.tensor([5, 3, 2]), tgt).log_softmax(-1)[..., 3].sum()
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (expected_loss, expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
