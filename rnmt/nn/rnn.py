@@ -130,8 +130,9 @@ class RNN(nn.Module):
 
         Why: on the CPU torch runs a packed LSTM one step at a time, and its backward
         zero-fills and adds a whole (Σ lengths, 4 * hidden) gradient at every step; the dense
-        kernel is one oneDNN primitive forward and backward (reference encoder, training:
-        1.6× faster forward + backward). Two things make the padding harmless:
+        kernel is one oneDNN primitive forward and backward (reference encoder, training
+        batches of 3000 tokens: 477 -> 345 ms forward + backward). Two things make the
+        padding harmless:
 
         - the reverse direction reads each row reversed within its own length, so its
           padding too comes after the real pieces; its outputs are reversed back;
