@@ -119,3 +119,11 @@ def test_cpu_training_fast_path_gives_the_gradients_of_the_plain_steps(attention
     torch.testing.assert_close(loss, expected_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_onednn_check_draws_nothing_from_the_global_generator():
+    """Training asks for it at its first forward pass (after a resume, mid-run): a random
+    draw there would shift the dropout stream and break exact resumption."""
+    state = torch.get_rng_state()
+    onednn_available.__wrapped__()  # uncached
+    assert torch.equal(torch.get_rng_state(), state)
