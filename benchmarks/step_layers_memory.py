@@ -1,5 +1,5 @@
 """Resident memory and time of the decoder's step layers when the row count keeps changing,
-as it does in beam search: why `rnmt.step_layers.OneDNNLinear` pads rows to `row_bucket`.
+as it does in beam search: why `rnmt.nn.onednn.OneDNNLinear` pads rows to `row_bucket`.
 
     python benchmarks/step_layers_memory.py [--rows 320] [--sweeps 2] [--threads 2]
 
@@ -41,7 +41,7 @@ def child(kernel: str, rows: int, sweeps: int) -> dict:
     """One kernel's sweeps in this process: the JSON line the parent reads."""
     import torch
 
-    from rnmt import step_layers
+    from rnmt.nn import onednn
 
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
@@ -50,8 +50,8 @@ def child(kernel: str, rows: int, sweeps: int) -> dict:
         layers = [lambda x, w=w, b=b: torch.addmm(b, x, w.t()) for w, b in weights]
     else:
         if kernel == "onednn-unpadded":
-            step_layers.row_bucket = lambda count: count  # run every count as it comes
-        layers = [step_layers.OneDNNLinear(w, b) for w, b in weights]
+            onednn.row_bucket = lambda count: count  # run every count as it comes
+        layers = [onednn.OneDNNLinear(w, b) for w, b in weights]
     inputs = {k: torch.randn(rows, k) for k, _ in SHAPES}
     before = resident_mb()
     seconds = []
@@ -61,7 +61,7 @@ def child(kernel: str, rows: int, sweeps: int) -> dict:
             for (k, _), layer in zip(SHAPES, layers):
                 layer(inputs[k][:count])
         seconds.append(time.perf_counter() - start)
-    sizes = rows if kernel == "addmm" else len({step_layers.row_bucket(c)
+    sizes = rows if kernel == "addmm" else len({onednn.row_bucket(c)
                                                  for c in range(1, rows + 1)})
     return {"growth_mb": resident_mb() - before, "seconds": statistics.median(seconds),
             "sizes": sizes}

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rnmt.nn.onednn import OneDNNLinear, onednn_available, row_bucket  # noqa: F401
+from rnmt.nn.onednn import OneDNNLinear, onednn_available
 from rnmt.nn.rnn import RNN, State, step_stack
 
 # A linear layer from an fp32 weight (out_features, in_features) and an optional bias.

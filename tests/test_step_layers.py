@@ -11,7 +11,8 @@ from rnmt.models import ModelConfig, build_model
 from rnmt.nn.rnn import RNN
 from rnmt.quantize import Int8Linear
 from rnmt.search import SearchConfig
-from rnmt.step_layers import OneDNNLinear, StepRecurrent, onednn_available, pack_for_cpu
+from rnmt.nn.onednn import OneDNNLinear, onednn_available
+from rnmt.step_layers import StepRecurrent, pack_for_cpu
 from rnmt.translator import Translator, prepare_model
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")

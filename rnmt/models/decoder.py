@@ -109,13 +109,20 @@ class AttentionDecoder(nn.Module):
             context, attn = self.attention(top, enc.keys, enc.memory, enc.mask)
             s, hidden = self.rnn.step(torch.cat([emb, context], dim=-1), state.hidden)
             o = torch.tanh(self.output(torch.cat([s, context, emb], dim=-1)))
+            o = self.dropout(o)
         else:
             x = torch.cat([emb, state.feed], dim=-1) if self.input_feeding else emb
             s, hidden = self.rnn.step(x, state.hidden)
-            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
-            o = torch.tanh(self.output(torch.cat([context, s], dim=-1)))
-        o = self.dropout(o)
+            o, attn = self._luong_output(s, enc)
         return o, DecoderState(hidden, o if self.input_feeding else None), attn
+
+    def _luong_output(self, s: Tensor, enc: EncoderOut) -> tuple[Tensor, Tensor]:
+        """h̃_t = tanh(W_c [c_t; s_t]) with c_t = Attention(s_t, h) (Luong eq. 5), after
+        dropout, and the attention weights; s one step (batch, hidden) or all (batch,
+        tgt_len, hidden)."""
+        assert enc.keys is not None
+        context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
+        return self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1)))), attn
 
     def forward(
         self, tgt_in: Tensor, state: DecoderState, enc: EncoderOut
@@ -125,9 +132,7 @@ class AttentionDecoder(nn.Module):
         emb = self.dropout(self.embed(tgt_in))
         if not self.bahdanau and not self.input_feeding:
             s, _ = self.rnn(emb, None, state.hidden)  # one fused call over all steps
-            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
-            o = self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1))))
-            return o, attn
+            return self._luong_output(s, enc)
         if self.bahdanau:
             return self._bahdanau_forward(emb, state, enc)
         # Luong with input feeding: s_t = RNN([E y_{t-1}; h̃_{t-1}], s_{t-1}), as `_step`.
@@ -136,8 +141,7 @@ class AttentionDecoder(nn.Module):
         hidden, feed = state.hidden, state.feed
         for t in range(emb.size(1)):
             s, hidden = stepper.step(t, feed, hidden)
-            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
-            feed = self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1))))
+            feed, attn = self._luong_output(s, enc)
             outputs.append(feed)
             attns.append(attn)
         return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)

@@ -44,6 +44,17 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def _linear(x: Tensor, packed: Tensor) -> Tensor:
+    """x Wᵀ for x (rows, in) with W reordered by `_reorder_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _reorder(weight: Tensor) -> Tensor:
+    """W (out, in) in oneDNN's blocked layout. The row-count hint (None) only tunes the
+    blocking; any number of rows runs."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
 class OneDNNLinear(nn.Module):
     """y = x Wᵀ + b in fp32 through oneDNN, the weight reordered once at construction.
     Shapes: x (..., in_features) -> (..., out_features). Inference only (no autograd).
@@ -51,10 +62,8 @@ class OneDNNLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
-        w = weight.detach().float().cpu().contiguous()
-        self.out_features, self.in_features = w.shape
-        # The row-count hint only tunes the blocking; any number of rows runs.
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self.out_features, self.in_features = weight.shape
+        self._packed = _reorder(weight.float().cpu())
         self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -82,15 +91,6 @@ def onednn_available() -> bool:
         return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
     except (AttributeError, RuntimeError):  # ops missing from this build or refused
         return False
-
-
-def _linear(x: Tensor, packed: Tensor) -> Tensor:
-    """x Wᵀ for x (rows, in) with W reordered by `_reorder_linear_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
-def _reorder(weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
 
 class _Pass:

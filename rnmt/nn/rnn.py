@@ -151,6 +151,7 @@ class RNN(nn.Module):
         positions = torch.arange(steps)
         valid = positions[None, :] < lengths[:, None]  # (batch, steps)
         pad_feature = (~valid).unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
+        keep = 1.0 - pad_feature
         within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
         pad_weights = x.new_zeros(4 * hidden, 1)  # torch's gate order: i, f, g, o
@@ -172,7 +173,7 @@ class RNN(nn.Module):
                                    self.training, False, True)
             h = out.gather(1, last).squeeze(1)
             out = _reverse_within(out, within) if reverse else out
-            return out * valid.unsqueeze(-1).to(out.dtype), (h, c[0])
+            return out * keep, (h, c[0])
 
         return self._layer_by_layer(x, state, run)
 
