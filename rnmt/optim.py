@@ -1,4 +1,4 @@
-"""Optimisers, learning-rate schedules and the label-smoothed loss.
+"""Optimisers and learning-rate schedules (the label-smoothed loss: `rnmt.nn.loss`).
 
 Schedules give the rate of update n (n = 1, 2, …) from the base rate η:
 
@@ -11,12 +11,6 @@ Schedules give the rate of update n (n = 1, 2, …) from the base rate η:
 
 Training stops once the rate falls below --min-lr (0 = never). The schedule's state is plain
 numbers, saved in `last.pt` so a resumed run continues on the same rate.
-
-Label smoothing (Szegedy et al. 2016) trains on q = (1 − ε) · onehot(y) + ε · uniform(V):
-
-    loss_t = (1 − ε) · (−log p(y_t)) + ε · (−(1/V) Σ_v log p(v))
-
-padding positions excluded; the loss reported to the user stays the real NLL −log p(y_t).
 """
 
 from __future__ import annotations
@@ -26,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from rnmt.errors import ConfigError
 
@@ -139,23 +131,3 @@ class LRSchedule:
         self.lr = float(state["lr"])
         self.n = int(state["n"])
 
-
-def smoothed_token_loss(logits: Tensor, target: Tensor, epsilon: float, pad: int
-                        ) -> tuple[Tensor, Tensor]:
-    """Summed label-smoothed loss and summed NLL over the non-pad positions.
-
-    Shapes: logits (..., V); target (...). The softmax runs in fp32 whatever the logits'
-    precision. With ε = 0 both sums are the plain cross-entropy.
-    """
-    logits = logits.reshape(-1, logits.size(-1)).float()
-    target = target.reshape(-1)
-    if epsilon == 0.0:
-        nll = F.cross_entropy(logits, target, ignore_index=pad, reduction="sum")
-        return nll, nll.detach()
-    log_probs = F.log_softmax(logits, dim=-1)
-    keep = target != pad
-    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-    uniform = -log_probs.mean(dim=-1)
-    # where(), not [keep]: boolean selection would wait for the device to count `keep`.
-    loss = torch.where(keep, (1.0 - epsilon) * nll + epsilon * uniform, 0.0).sum()
-    return loss, torch.where(keep, nll, 0.0).sum().detach()

@@ -18,6 +18,14 @@ def check_precision_name(precision: str) -> None:
                           f"{', '.join(PRECISIONS)}")
 
 
+def cpu_autocast_enabled() -> bool:
+    """Whether the CPU's autocast is on here (the fp32-only CPU training kernels step aside)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 @functools.cache
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16);

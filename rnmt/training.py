@@ -2,7 +2,8 @@
 
     loss = − Σ_t log p(y_t | y_<t, x) / (number of real target pieces)   (padding ignored)
 
-(label-smoothed with `label_smoothing` ε > 0, see `rnmt.optim`). One update sums the loss
+(label-smoothed with `label_smoothing` ε > 0, see `rnmt.nn.loss`, which also holds the
+CPU's fused vocabulary layer and loss). One update sums the loss
 of `update_freq` K batches and divides by their *total* target pieces, so it is the update
 of one K-times larger batch (gradient accumulation).
 
@@ -32,8 +33,9 @@ ranks at every update, so all ranks stop after the same update.
 
 Mixed precision (`precision` bf16/fp16): the forward pass runs under `torch.autocast`
 (matrix products in 16 bits); parameters, gradients, the optimizer and checkpoints stay
-fp32, and the loss and log-softmax run in fp32 (`smoothed_token_loss` casts). fp16 scales
-the loss (`GradScaler`): an update whose gradient overflows is skipped and the scale halved.
+fp32, and the loss and log-softmax run in fp32 (`rnmt.nn.loss.smoothed_token_loss`
+casts). fp16 scales the loss (`GradScaler`): an update whose gradient overflows is skipped
+and the scale halved.
 
 A language model (`arch="lm"`) trains the same way: its batches' `tgt_in = <s> y` and
 `tgt_out = y </s>` come from the one side of a monolingual corpus (`preprocess --mono`) or
@@ -62,7 +64,7 @@ from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
-from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
+from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer
 from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
 from rnmt.preprocess import load_data, load_vocabularies
@@ -230,8 +232,8 @@ def batch_loss(model: Model, batch: Batch, label_smoothing: float = 0.0
 
     Only real positions reach the softmax layer (`positions=`): padding costs nothing there.
     """
-    logits = model(batch.src, batch.src_lengths, batch.tgt_in, positions=batch.real)
-    return smoothed_token_loss(logits, batch.real_targets(), label_smoothing, PAD)
+    return model(batch.src, batch.src_lengths, batch.tgt_in, positions=batch.real,
+                 targets=batch.real_targets(), label_smoothing=label_smoothing)
 
 
 def token_loss(model: Model, batch: Batch) -> tuple[torch.Tensor, int]:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL
 from rnmt.data import collate
 from rnmt.errors import ConfigError
-from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer, smoothed_token_loss
+from rnmt.nn.loss import smoothed_token_loss
+from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer
 from rnmt.training import TrainConfig, Trainer, TrainingDiverged
 from rnmt.vocab import PAD
 
@@ -103,9 +104,9 @@ def test_nan_updates_are_skipped_then_stop_the_run_with_the_good_state_saved(bin
     trainer = _trainer(bin_dir, tmp_path, max_steps=50, max_bad_updates=3, save_every=2)
     original_step = trainer.train_step
 
-    def poisoned(batches, *rest):  # from the third update on, the model's output turns to nan
+    def poisoned(batches, *rest):  # from the third update on, the decoder's output turns to nan
         if trainer.state.step >= 2:
-            trainer.model.register_forward_hook(lambda m, i, out: out * float("nan"))
+            trainer.model.projection.register_forward_hook(lambda m, i, out: out * float("nan"))
             trainer.train_step = original_step
         return original_step(batches, *rest)
 

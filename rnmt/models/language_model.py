@@ -11,6 +11,7 @@ It is the vanilla decoder with nothing to condition on, and it offers the same p
     state = model.init_state(enc)             # zeros
     log_probs, state, None = model.step(prev, state, enc)
     logits = model(src, src_lengths, tgt_in)  # src ignored; tgt_in = <s> y_1 … y_n
+    loss, nll = model(src, src_lengths, tgt_in, real, targets)  # training (rnmt.nn.loss)
 
 Training path: the whole sequence runs through the RNN in one fused call (nothing from
 step t-1 but the state is needed at step t).
@@ -25,6 +26,7 @@ from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import DecoderState
 from rnmt.models.encoder import EncoderOut
 from rnmt.models.seq2seq import output_layer, step_log_probs
+from rnmt.nn.loss import LogitBuffer, vocabulary_loss
 from rnmt.nn.rnn import RNN
 from rnmt.vocab import PAD
 
@@ -42,6 +44,7 @@ class LanguageModel(nn.Module):
                        c.cell_impl)
         self.projection, self.generator = output_layer(c.dec_hidden_dim, self.embed,
                                                        c.tie_embeddings)
+        self.logit_buffer = LogitBuffer()  # reused by the CPU training loss, not a weight
 
     # --- the protocol -------------------------------------------------------------------
 
@@ -62,7 +65,7 @@ class LanguageModel(nn.Module):
              ) -> tuple[Tensor, DecoderState, None]:
         """prev (batch,) -> log p(y_t | y_<t) (batch, vocab) in float32, state, no attention."""
         s, hidden = self.rnn.step(self.dropout(self.embed(prev)), state.hidden)
-        logits = self._logits(s)
+        logits = self.generator(self.projection(self.dropout(s)))
         return step_log_probs(logits), DecoderState(hidden), None
 
     def reorder_state(self, state: DecoderState, index: Tensor) -> DecoderState:
@@ -72,17 +75,22 @@ class LanguageModel(nn.Module):
         return enc.index_select(index)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, targets: Tensor | None = None,
+                label_smoothing: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced logits (batch, len, vocab) of tgt_in; `src` is not read. With
         `positions`, indices (n,) into the flattened (batch · len) positions, only those
-        positions' logits (n, vocab).
+        positions' logits (n, vocab); with `targets` (n,) too, (summed loss, summed NLL)
+        instead (as `Seq2Seq.forward`).
 
         Padding sits after each sentence's last piece and the RNN reads left to right, so
         it never changes the logits of real positions: one fused call, no packing needed.
         """
         hidden = self.init_state(self.encode(tgt_in, src_lengths)).hidden
         s, _ = self.rnn(self.dropout(self.embed(tgt_in)), None, hidden)
-        return self._logits(s if positions is None else s.flatten(0, 1).index_select(0, positions))
-
-    def _logits(self, s: Tensor) -> Tensor:
-        return self.generator(self.projection(self.dropout(s)))
+        if positions is not None:
+            s = s.flatten(0, 1).index_select(0, positions)
+        o = self.projection(self.dropout(s))
+        if targets is not None:
+            return vocabulary_loss(o, self.generator, targets, label_smoothing, PAD,
+                                   self.logit_buffer)
+        return self.generator(o)

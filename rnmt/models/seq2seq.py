@@ -5,7 +5,8 @@
     log_probs, state, attn = model.step(prev, state, enc) # one target position
     state = model.reorder_state(state, index)             # keep/repeat rows (beams)
     enc = model.reorder_encoder(enc, index)               # keep/repeat sentences
-    logits = model(src, src_lengths, tgt_in)              # teacher forcing, training
+    logits = model(src, src_lengths, tgt_in)              # teacher forcing
+    loss, nll = model(src, src_lengths, tgt_in, real, targets)  # training (rnmt.nn.loss)
 
 Options that change the wiring, not the equations: `reverse_source` (Sutskever et al. 2014
 read the source backwards, so the first source words sit next to the first target words),
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import AttentionDecoder, DecoderState, PlainDecoder
 from rnmt.models.encoder import Encoder, EncoderOut
+from rnmt.nn.loss import LogitBuffer, vocabulary_loss
 from rnmt.vocab import PAD
 
 
@@ -116,6 +118,7 @@ class Seq2Seq(nn.Module):
         self.bridge = Bridge(self.encoder.final_dim, c.cell, c.dec_hidden_dim, c.dec_layers)
         self.projection, self.generator = output_layer(self.decoder.output_dim, tgt_embed,
                                                        c.tie_embeddings)
+        self.logit_buffer = LogitBuffer()  # reused by the CPU training loss, not a weight
 
     # --- the protocol -------------------------------------------------------------------
 
@@ -145,10 +148,12 @@ class Seq2Seq(nn.Module):
         return enc.index_select(index)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, targets: Tensor | None = None,
+                label_smoothing: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced logits (batch, tgt_len, vocab); with `positions`, indices (n,)
         into the flattened (batch · tgt_len) positions (`Batch.real`), only those
-        positions' logits (n, vocab).
+        positions' logits (n, vocab). With `targets` too, the pieces (n,) at those
+        positions, not the logits but (summed loss, summed NLL) (`rnmt.nn.loss`).
 
         The softmax layer is the largest matrix product of training: selecting the real
         (non-pad) positions first spares it the padding.
@@ -157,7 +162,11 @@ class Seq2Seq(nn.Module):
         o, _ = self.decoder(tgt_in, self.init_state(enc), enc)
         if positions is not None:
             o = o.flatten(0, 1).index_select(0, positions)
-        return self.generator(self.projection(o))
+        o = self.projection(o)
+        if targets is not None:
+            return vocabulary_loss(o, self.generator, targets, label_smoothing, PAD,
+                                   self.logit_buffer)
+        return self.generator(o)
 
     def _initial_feed(self, enc: EncoderOut) -> Tensor | None:
         decoder = self.decoder
