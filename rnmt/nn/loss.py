@@ -114,7 +114,7 @@ class VocabularyLoss(torch.autograd.Function):
         log_p = buffer.take(o.size(0), width, o, ctx)
         torch.addmm(bias, o, weight.t(), out=log_p)
         # In place: the CPU kernel finishes each row's max and sum before writing the row.
-        torch._log_softmax(log_p, 1, False, out=log_p)
+        torch.log_softmax(log_p, 1, out=log_p)
         keep = target != pad
         nll = torch.where(keep, -log_p.gather(1, target.unsqueeze(1)).squeeze(1), 0.0).sum()
         loss = nll.clone()  # two outputs, two tensors: only the loss has a gradient
