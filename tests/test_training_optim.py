@@ -54,6 +54,27 @@ def test_label_smoothing_reports_the_real_nll_and_ignores_padding():
     torch.testing.assert_close(again, loss)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_on_the_cpu_takes_the_fused_kernel_with_the_plain_update(name):
+    """Where torch has a fused CPU Adam (2.4 and newer) rnmt uses it; its updates are
+    torch's plain Adam/AdamW updates up to rounding."""
+    torch.manual_seed(0)
+    start = torch.randn(50)
+    grads = [torch.randn(50) for _ in range(5)]
+    fused_param, plain_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    fused = build_optimizer(name, [fused_param], 0.01, weight_decay=0.1)
+    kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    plain = kind([plain_param], lr=0.01, weight_decay=0.1)
+    version = tuple(int(x) for x in torch.__version__.split(".")[:2])
+    assert bool(fused.defaults.get("fused")) == (version >= (2, 4))
+    for g in grads:
+        for param, opt in ((fused_param, fused), (plain_param, plain)):
+            param.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(fused_param, plain_param, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fused_param, start)
+
+
 def _rates(name: str, n: int, **options) -> list[float]:
     opt = build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(1))], 1.0)
     schedule = LRSchedule(ScheduleConfig(name=name, lr=1.0, **options), opt)
