@@ -18,12 +18,16 @@ def check_precision_name(precision: str) -> None:
                           f"{', '.join(PRECISIONS)}")
 
 
-def cpu_autocast_enabled() -> bool:
-    """Whether the CPU's autocast is on here (the fp32-only CPU training kernels step aside)."""
+def cpu_fp32_training(x: torch.Tensor) -> bool:
+    """Whether x is fp32 on the CPU with autograd on and no autocast: where the CPU training
+    kernels (`rnmt.nn.rnn.Stepper`, `rnmt.nn.loss.VocabularyLoss`) run; elsewhere they step
+    aside for the plain ops (autocast would want its 16-bit products)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_grad_enabled():
+        return False
     try:
-        return torch.is_autocast_enabled("cpu")
+        return not torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+        return not torch.is_autocast_cpu_enabled()
 
 
 @functools.cache

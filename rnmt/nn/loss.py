@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnmt.precision import cpu_autocast_enabled
+from rnmt.precision import cpu_fp32_training
 
 PAD_COLUMNS = 16
 
@@ -148,10 +148,8 @@ def vocabulary_loss(o: Tensor, generator: nn.Linear, target: Tensor, epsilon: fl
     """(summed loss, summed NLL) of the positions o (n, d) with targets (n,) under
     `generator` (d -> V): `VocabularyLoss` when training in fp32 on the CPU, else
     `smoothed_token_loss` on the generator's logits."""
-    if (o.device.type == "cpu" and o.dtype == torch.float32 and torch.is_grad_enabled()
-            and not cpu_autocast_enabled()):
-        bias = generator.bias
-        if bias is None:
-            bias = o.new_zeros(generator.out_features)
-        return VocabularyLoss.apply(o, generator.weight, bias, target, epsilon, pad, buffer)
+    if cpu_fp32_training(o):
+        assert generator.bias is not None  # `output_layer`'s generators all have one
+        return VocabularyLoss.apply(o, generator.weight, generator.bias, target, epsilon, pad,
+                                    buffer)
     return smoothed_token_loss(generator(o), target, epsilon, pad)

@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnmt.nn import cells
 from rnmt.nn.onednn import RecurrentProduct, onednn_available
-from rnmt.precision import cpu_autocast_enabled
+from rnmt.precision import cpu_fp32_training
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -309,8 +309,7 @@ class Stepper:
 def _onednn_trains(x: Tensor) -> bool:
     """Whether per-step products with x's dtype and device train on oneDNN: fp32 on the
     CPU, oneDNN built and switched on, no autocast (whose 16-bit products it would skip)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled and not cpu_autocast_enabled() and onednn_available())
+    return cpu_fp32_training(x) and torch.backends.mkldnn.enabled and onednn_available()
 
 
 def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: int, x: Tensor,
