@@ -24,6 +24,7 @@ from rnmt.data import TokenBatchSampler, collate
 from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
+from rnmt.optim import build_optimizer
 from rnmt.preprocess import load_data, load_vocabularies
 from rnmt.precision import PRECISIONS, check_precision
 from rnmt.training import precision_context, token_loss
@@ -53,7 +54,7 @@ def main() -> None:
     model = build_model(ModelConfig(src_vocab_size=len(src_vocab),
                                     tgt_vocab_size=len(tgt_vocab))).to(args.device).train()
     compact_rnn_weights(model)  # as rnmt train does
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer("adam", model.parameters(), lr=1e-3)  # as rnmt train builds it
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, args.max_tokens, seed=1)
     batches = sampler.batches(0)[: args.warmup + args.batches]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from rnmt.nn.attention import Attention
+from rnmt.nn.attention import Attention, AttentionSteps
 
 
 def _inputs(batch: int = 3, steps: int = 4, src_len: int = 6, dim: int = 10):
@@ -99,3 +101,77 @@ def test_training_gradients_of_the_additive_score_are_the_papers_formulas(steps)
         grads[name] = torch.autograd.grad(loss, [q, m, *attention.parameters()])
     for got, want in zip(grads["hand-written"], grads["autograd"]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def _step_through(attention: Attention, query, memory, mask):
+    """Every step t of a teacher-forced pass, as a decoder calls it: contexts and weights
+    stacked (batch, steps, ·), and whether `AttentionSteps` took its CPU training path."""
+    steps = AttentionSteps(attention, attention.keys(memory), memory, mask, query.size(1))
+    outputs = [steps(query[:, t]) for t in range(query.size(1))]
+    return (torch.stack([c for c, _ in outputs], 1), torch.stack([w for _, w in outputs], 1),
+            steps.fast)
+
+
+@pytest.mark.parametrize("score", ["bahdanau", "concat"])
+def test_training_steps_on_the_cpu_give_the_gradients_of_the_plain_attention(score):
+    """fp32 training on the CPU: the steps run `_AdditiveStep` (activations in the module's
+    buffer, the memory's gradient summed at the end). Against `Attention.forward` step by
+    step in float64: contexts, weights and the gradients of the query, the memory and every
+    parameter, with a loss on the weights too (so both outputs carry a gradient)."""
+    query, memory, mask = _inputs(steps=5)
+    attention = Attention(score, 10, 10, 8)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.normal_(0.0, 1.0)
+    reference = copy.deepcopy(attention).double()
+    position = torch.arange(6.0, dtype=torch.float64)
+    results = []
+    for module, dtype in ((attention, torch.float32), (reference, torch.float64)):
+        q = query.to(dtype).requires_grad_()
+        m = memory.to(dtype).requires_grad_()
+        if dtype == torch.float64:
+            outputs = [module(q[:, t], module.keys(m), m, mask) for t in range(q.size(1))]
+            context = torch.stack([c for c, _ in outputs], 1)
+            weights = torch.stack([w for _, w in outputs], 1)
+        else:
+            context, weights, fast = _step_through(module, q, m, mask)
+            assert fast
+        loss = (context.sin().sum() + (weights * position.to(dtype)).sum()) * 1.3
+        grads = torch.autograd.grad(loss, [q, m, *module.parameters()])
+        results.append([context, weights, *grads])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    assert (results[0][1][1, :, 4:] == 0).all() and (results[0][1][2, :, 2:] == 0).all()
+
+
+def test_training_steps_share_the_buffer_only_between_finished_passes():
+    """Two passes pending in one graph: the second gets its own activations (the first's
+    backward still needs the buffer); once a backward has run, the next pass reuses it."""
+    query, memory, mask = _inputs(steps=3)
+    attention = Attention("bahdanau", 10, 10, 8)
+    q, m = query.float().requires_grad_(), memory.float()
+
+    def loss_of(scale: float):
+        context, weights, _ = _step_through(attention, q * scale, m, mask)
+        return context.sum() + weights[..., 0].sum()
+
+    def grad_of(scale: float) -> torch.Tensor:
+        return torch.autograd.grad(loss_of(scale), q)[0]
+
+    alone = grad_of(1.0) + grad_of(0.5)
+    buffer = attention.scratch._storage
+    assert buffer is not None
+    together = torch.autograd.grad(loss_of(1.0) + loss_of(0.5), q)[0]
+    torch.testing.assert_close(together, alone)
+    grad_of(1.0)
+    assert attention.scratch._storage is buffer  # reused, not reallocated
+
+
+def test_training_steps_refuse_more_steps_than_announced():
+    query, memory, mask = _inputs(steps=2)
+    attention = Attention("bahdanau", 10, 10, 8)
+    m = memory.float().requires_grad_()
+    steps = AttentionSteps(attention, attention.keys(m), m, mask, steps=1)
+    steps(query[:, 0].float())
+    with pytest.raises(RuntimeError, match="more than its 1 steps"):
+        steps(query[:, 1].float())

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rnmt.models import ModelConfig, build_model
-from rnmt.nn.loss import LogitBuffer, VocabularyLoss, smoothed_token_loss
+from rnmt.nn.loss import VocabularyLoss, smoothed_token_loss
+from rnmt.nn.scratch import ScratchBuffer
 from rnmt.vocab import PAD
 
 
@@ -38,7 +39,7 @@ def test_fused_loss_and_gradients_equal_autograd_through_torch_ops(vocab, epsilo
     loss, nll = _reference(o, weight, bias, target, epsilon)
     expected = torch.autograd.grad(1.7 * loss, (o, weight, bias))
     fused_loss, fused_nll = VocabularyLoss.apply(o, weight, bias, target, epsilon, PAD,
-                                                 LogitBuffer())
+                                                 ScratchBuffer())
     assert not fused_nll.requires_grad
     got = torch.autograd.grad(1.7 * fused_loss, (o, weight, bias))
     torch.testing.assert_close(fused_loss, loss, rtol=1e-12, atol=1e-10)
@@ -48,15 +49,15 @@ def test_fused_loss_and_gradients_equal_autograd_through_torch_ops(vocab, epsilo
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
-class _WatchedBuffer(LogitBuffer):
+class _WatchedBuffer(ScratchBuffer):
     """Records, per forward, whether it was handed the shared storage."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shared: list[bool] = []
 
-    def take(self, rows, columns, like, holder):
-        lent = super().take(rows, columns, like, holder)
+    def take(self, shape, like, holder):
+        lent = super().take(shape, like, holder)
         self.shared.append(lent.data_ptr() == self._storage.data_ptr())
         return lent
 

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from rnmt.models.encoder import EncoderOut
-from rnmt.nn.attention import Attention
+from rnmt.nn.attention import Attention, AttentionSteps
+from rnmt.nn.dropout import Dropout
 from rnmt.nn.rnn import RNN, State, Stepper
 
 
@@ -78,7 +79,7 @@ class AttentionDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = embed
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.bahdanau = attention == "bahdanau"
         self.input_feeding = input_feeding and not self.bahdanau
         emb_dim = embed.embedding_dim
@@ -116,12 +117,16 @@ class AttentionDecoder(nn.Module):
             o, attn = self._luong_output(s, enc)
         return o, DecoderState(hidden, o if self.input_feeding else None), attn
 
-    def _luong_output(self, s: Tensor, enc: EncoderOut) -> tuple[Tensor, Tensor]:
+    def _luong_output(self, s: Tensor, enc: EncoderOut, attend: AttentionSteps | None = None
+                      ) -> tuple[Tensor, Tensor]:
         """h̃_t = tanh(W_c [c_t; s_t]) with c_t = Attention(s_t, h) (Luong eq. 5), after
         dropout, and the attention weights; s one step (batch, hidden) or all (batch,
-        tgt_len, hidden)."""
+        tgt_len, hidden). `attend`: the pass's attention, when stepping through a target."""
         assert enc.keys is not None
-        context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
+        if attend is not None:
+            context, attn = attend(s)
+        else:
+            context, attn = self.attention(s, enc.keys, enc.memory, enc.mask)
         return self.dropout(torch.tanh(self.output(torch.cat([context, s], dim=-1)))), attn
 
     def forward(
@@ -137,11 +142,12 @@ class AttentionDecoder(nn.Module):
             return self._bahdanau_forward(emb, state, enc)
         # Luong with input feeding: s_t = RNN([E y_{t-1}; h̃_{t-1}], s_{t-1}), as `_step`.
         stepper = Stepper(self.rnn, emb)
+        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask, emb.size(1))
         outputs, attns = [], []
         hidden, feed = state.hidden, state.feed
         for t in range(emb.size(1)):
             s, hidden = stepper.step(t, feed, hidden)
-            feed, attn = self._luong_output(s, enc)
+            feed, attn = self._luong_output(s, enc, attend)
             outputs.append(feed)
             attns.append(attn)
         return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)
@@ -157,8 +163,9 @@ class AttentionDecoder(nn.Module):
         states, contexts, attns = [], [], []
         # The embeddings' share of the RNN input product runs for all steps at once.
         stepper = Stepper(self.rnn, emb)
+        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask, emb.size(1))
         for t in range(emb.size(1)):
-            context, attn = self.attention(_top(hidden), enc.keys, enc.memory, enc.mask)
+            context, attn = attend(_top(hidden))
             s, hidden = stepper.step(t, context, hidden)
             states.append(s)
             contexts.append(context)
@@ -178,7 +185,7 @@ class PlainDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = embed
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = RNN(cell, embed.embedding_dim, hidden_dim, layers, False, dropout, cell_impl)
         self.output_dim = hidden_dim
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rnmt.nn.dropout import Dropout
 from rnmt.nn.rnn import RNN, final_states
 
 
@@ -45,7 +46,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = embed
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = RNN(cell, embed.embedding_dim, hidden_dim, layers, bidirectional, dropout,
                        cell_impl)
 

@@ -26,8 +26,10 @@ from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import DecoderState
 from rnmt.models.encoder import EncoderOut
 from rnmt.models.seq2seq import output_layer, step_log_probs
-from rnmt.nn.loss import LogitBuffer, vocabulary_loss
+from rnmt.nn.dropout import Dropout
+from rnmt.nn.loss import vocabulary_loss
 from rnmt.nn.rnn import RNN
+from rnmt.nn.scratch import ScratchBuffer
 from rnmt.vocab import PAD
 
 
@@ -39,12 +41,12 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=PAD)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.rnn = RNN(c.cell, c.emb_dim, c.dec_hidden_dim, c.dec_layers, False, c.dropout,
                        c.cell_impl)
         self.projection, self.generator = output_layer(c.dec_hidden_dim, self.embed,
                                                        c.tie_embeddings)
-        self.logit_buffer = LogitBuffer()  # reused by the CPU training loss, not a weight
+        self.logit_buffer = ScratchBuffer()  # reused by the CPU training loss, not a weight
 
     # --- the protocol -------------------------------------------------------------------
 

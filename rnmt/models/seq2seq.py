@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import AttentionDecoder, DecoderState, PlainDecoder
 from rnmt.models.encoder import Encoder, EncoderOut
-from rnmt.nn.loss import LogitBuffer, vocabulary_loss
+from rnmt.nn.loss import vocabulary_loss
+from rnmt.nn.scratch import ScratchBuffer
 from rnmt.vocab import PAD
 
 
@@ -118,7 +119,7 @@ class Seq2Seq(nn.Module):
         self.bridge = Bridge(self.encoder.final_dim, c.cell, c.dec_hidden_dim, c.dec_layers)
         self.projection, self.generator = output_layer(self.decoder.output_dim, tgt_embed,
                                                        c.tie_embeddings)
-        self.logit_buffer = LogitBuffer()  # reused by the CPU training loss, not a weight
+        self.logit_buffer = ScratchBuffer()  # reused by the CPU training loss, not a weight
 
     # --- the protocol -------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ Two ways to the same numbers, which `vocabulary_loss` chooses between:
   above its largest mmap threshold), so each one costs fresh zeroed pages from the kernel:
   20–30 ms of page faults apiece on the development machine, against 10 ms for the
   log-softmax itself. `VocabularyLoss` writes the logits into one buffer that the model
-  keeps from batch to batch (`LogitBuffer`), turns them into log-probabilities in place,
+  keeps from batch to batch (`rnmt.nn.scratch.ScratchBuffer`), turns them into log-probabilities in place,
   and in the backward pass turns those, in place, into ∂loss/∂z. The buffer's width is V
   rounded up to a multiple of 16 (`PAD_COLUMNS`), because MKL multiplies
   (3000 × 512) @ (512 × 3968) in 104 ms but @ (512 × 3964) in 131 ms; the extra columns
@@ -37,12 +37,11 @@ system time 3.3 → 2.2 s, peak RSS about 50 MB lower.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnmt.nn.scratch import ScratchBuffer
 from rnmt.precision import cpu_fp32_training
 
 PAD_COLUMNS = 16
@@ -69,35 +68,6 @@ def smoothed_token_loss(logits: Tensor, target: Tensor, epsilon: float, pad: int
     return loss, torch.where(keep, nll, 0.0).sum().detach()
 
 
-class LogitBuffer:
-    """The (n, V') buffer a model's vocabulary layer reuses from batch to batch.
-
-    Lent to one pass at a time, until its backward has run or its graph is freed: a forward
-    while it is lent (two losses in one graph) gets a fresh tensor instead, so nothing a
-    pending backward needs is overwritten.
-    """
-
-    def __init__(self) -> None:
-        self._storage: Tensor | None = None
-        self._holder: weakref.ref | None = None
-
-    def take(self, rows: int, columns: int, like: Tensor, holder: object) -> Tensor:
-        """A (rows, columns) tensor of `like`'s dtype and device, lent to `holder` (the
-        autograd context; when it is freed without a backward, the buffer is free again)."""
-        if self._holder is not None and self._holder() is not None:
-            return like.new_empty(rows, columns)
-        size = rows * columns
-        if (self._storage is None or self._storage.numel() < size
-                or self._storage.dtype != like.dtype or self._storage.device != like.device):
-            self._storage = None  # the old one goes before the new one comes
-            self._storage = like.new_empty(size)
-        self._holder = weakref.ref(holder)
-        return self._storage[:size].view(rows, columns)
-
-    def release(self) -> None:
-        self._holder = None
-
-
 class VocabularyLoss(torch.autograd.Function):
     """(summed loss, summed NLL) of o (n, d) with targets y (n,) under the vocabulary layer
     W (V, d), b (V,) and label smoothing ε; targets equal to `pad` count for nothing. Only
@@ -105,13 +75,13 @@ class VocabularyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o: Tensor, weight: Tensor, bias: Tensor, target: Tensor,  # type: ignore[override]
-                epsilon: float, pad: int, buffer: LogitBuffer) -> tuple[Tensor, Tensor]:
+                epsilon: float, pad: int, buffer: ScratchBuffer) -> tuple[Tensor, Tensor]:
         vocab = weight.size(0)
         width = -(-vocab // PAD_COLUMNS) * PAD_COLUMNS
         if width > vocab:
             weight = torch.cat([weight, weight.new_zeros(width - vocab, weight.size(1))])
             bias = torch.cat([bias, bias.new_full((width - vocab,), float("-inf"))])
-        log_p = buffer.take(o.size(0), width, o, ctx)
+        log_p = buffer.take((o.size(0), width), o, ctx)
         torch.addmm(bias, o, weight.t(), out=log_p)
         # In place: the CPU kernel finishes each row's max and sum before writing the row.
         torch.log_softmax(log_p, 1, out=log_p)
@@ -144,7 +114,7 @@ class VocabularyLoss(torch.autograd.Function):
 
 
 def vocabulary_loss(o: Tensor, generator: nn.Linear, target: Tensor, epsilon: float,
-                    pad: int, buffer: LogitBuffer) -> tuple[Tensor, Tensor]:
+                    pad: int, buffer: ScratchBuffer) -> tuple[Tensor, Tensor]:
     """(summed loss, summed NLL) of the positions o (n, d) with targets (n,) under
     `generator` (d -> V): `VocabularyLoss` when training in fp32 on the CPU, else
     `smoothed_token_loss` on the generator's logits."""

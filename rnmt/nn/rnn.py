@@ -28,6 +28,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnmt.nn import cells
+from rnmt.nn.dropout import dropout as apply_dropout
 from rnmt.nn.onednn import RecurrentProduct, onednn_available
 from rnmt.precision import cpu_fp32_training
 
@@ -237,7 +238,7 @@ class RNN(nn.Module):
         final_h, final_c = [], []
         for k in range(self.num_layers):
             if k > 0 and self.training and self.layer.dropout > 0:
-                x = F.dropout(x, self.layer.dropout, training=True)
+                x = apply_dropout(x, self.layer.dropout, training=True)
             outputs = []
             for direction in range(self.directions):
                 i = k * self.directions + direction  # torch's index: layer-major
@@ -328,7 +329,7 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
     new_h, new_c = [], []
     for k in range(num_layers):
         if k > 0 and training and dropout > 0:
-            x = F.dropout(x, dropout, training=True)
+            x = apply_dropout(x, dropout, training=True)
         own = (h_all[k], c_all[k]) if is_lstm else h_all[k]
         out = step_layer(k, x, own)
         x = out[0] if is_lstm else out
