@@ -10,7 +10,9 @@ Scores (q: query, h: memory row):
     general  (Luong et al. 2015, eq. 8):                      qᵀ W_a h
 
 Everything that depends only on the memory (`W_k h`, `W_a h`) is computed once per sentence
-by `keys()`, not once per decoder step.
+by `keys()`, not once per decoder step. A decoder that steps through its target in training
+(Bahdanau; Luong with input feeding) attends through `AttentionSteps`, which shares the work
+of the steps of one pass on the CPU.
 
 The additive score is computed through the logistic sigmoid: tanh(z) = 2σ(2z) − 1, so
 
@@ -130,7 +132,8 @@ class Attention(nn.Module):
 
 
 class _AdditiveScores(torch.autograd.Function):
-    """scores = 2 vᵀσ(q_t + k_j) with a hand-written backward (the training path).
+    """scores = 2 vᵀσ(q_t + k_j) with a hand-written backward (training, except the CPU
+    steps of `AttentionSteps`).
 
     Shapes: query (batch, steps, attn), keys (batch, src_len, attn), v (attn,) -> scores
     (batch, steps, src_len). With z = q_t + k_j and a = σ(z), the only tensor kept is a
