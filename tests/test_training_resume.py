@@ -19,11 +19,11 @@ def _config(save_dir, **options) -> TrainConfig:
 
 
 def test_resume_gives_the_parameters_of_one_straight_run(bin_dir, tmp_path):
-    # 17 batches an epoch: 20 updates stop inside epoch 2, 40 cross into epoch 3; dropout
+    # 18 batches an epoch: 20 updates stop inside epoch 2, 40 cross into epoch 3; dropout
     # draws from the RNG, and validation with decoding runs in between.
     options = dict(valid_every=7, valid_bleu=True, keep_last=1)
     straight = Trainer(bin_dir, DROPOUT_MODEL, _config(tmp_path / "a", max_steps=40, **options))
-    assert len(straight.sampler.batches(0)) == 17
+    assert len(straight.sampler.batches(0)) == 18
     straight.train()
     Trainer(bin_dir, DROPOUT_MODEL, _config(tmp_path / "b", max_steps=20, **options)).train()
     resumed = Trainer(bin_dir, DROPOUT_MODEL,
