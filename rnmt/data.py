@@ -362,8 +362,7 @@ class TokenBatchSampler:
         # batch that straddles two target lengths joins sources of similar length.
         src_key = np.where(self.tgt_lengths % 2 == 0, self.src_lengths, -self.src_lengths)
         order = np.lexsort((tie, src_key, self.tgt_lengths)).astype(index)
-        del src_key
-        del tie
+        del src_key, tie
         bounds = self._cut(np.maximum(self.src_lengths, self.tgt_lengths)[order])
         batches = [order[a:b] for a, b in zip(bounds, bounds[1:])]
         if self.shuffle:

@@ -81,6 +81,10 @@ class Attention(nn.Module):
             return self.key_proj(memory).mul_(2.0)
         return self.key_proj(memory)
 
+    def queries(self, query: Tensor) -> Tensor:
+        """The query side of the additive score, 2 W_q q (doubled like the keys)."""
+        return self.query_proj(query).mul_(2.0)
+
     def forward(
         self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -94,7 +98,7 @@ class Attention(nn.Module):
             query = query.view(batch, query.size(0) // batch, -1)
         if self.additive:
             # 2 vᵀσ(2 W_q q + 2 W_k h) (module docstring); keys already hold 2 W_k h.
-            scores = self._additive_scores(self.query_proj(query).mul_(2.0), keys)
+            scores = self._additive_scores(self.queries(query), keys)
         else:
             scores = torch.bmm(query, keys.transpose(1, 2))
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
@@ -205,24 +209,25 @@ class AttentionSteps:
     def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
         if not self.fast:
             return self.attention(query, self.keys, self.memory, self.mask)
-        q = self.attention.query_proj(query).mul_(2.0)  # doubled, as the keys are
-        return _AdditiveStep.apply(q, self._token, self._pass)
+        return _AdditiveStep.apply(self.attention.queries(query), self._token, self._pass)
 
 
 class _Pass:
-    """What the steps of one pass share: the doubled keys, the memory, the mask, v, the
-    activation buffer (steps, batch, src_len, attn), and the gradients summed over steps."""
+    """What the steps of one pass share: the doubled keys, the memory, the mask, 2v (the
+    score's factor 2 folded in once), the activation buffer (steps, batch, src_len, attn),
+    and the gradients summed over steps."""
 
     def __init__(self, keys: Tensor, memory: Tensor, mask: Tensor, v: Tensor, steps: int,
                  scratch: ScratchBuffer) -> None:
-        self.keys, self.memory, self.v = keys.detach(), memory.detach(), v.detach().view(-1)
+        self.keys, self.memory = keys.detach(), memory.detach()
+        self.v2 = v.detach().view(-1) * 2.0
         self.masked = ~mask
         self.scratch = scratch
         self.steps = steps
         self.hidden: Tensor | None = None  # taken from `scratch` by `_MemoryGradient`
         self.t = 0
         self.sum_ga: Tensor | None = None  # U = Σ_t g_t ⊙ a'_t (batch, src_len, attn)
-        self.grad_v = self.v.new_zeros(self.v.shape)
+        self.grad_v = self.v2.new_zeros(self.v2.shape)
         self.weights: list[Tensor] = []  # a_t and ∂L/∂c_t of the steps backward reached
         self.grad_context: list[Tensor] = []
 
@@ -246,7 +251,7 @@ class _MemoryGradient(torch.autograd.Function):
         shared.scratch.release()
         grad_keys = grad_memory = None
         if shared.sum_ga is not None:
-            grad_keys = shared.sum_ga.mul_(shared.v.mul(2.0))
+            grad_keys = shared.sum_ga.mul_(shared.v2)
         if shared.weights:
             # Σ_t a_tᵀ ∂L/∂c_t: (batch, src_len, steps) @ (batch, steps, memory_dim)
             grad_memory = torch.bmm(torch.stack(shared.weights, 2),
@@ -271,7 +276,7 @@ class _AdditiveStep(torch.autograd.Function):
         a = torch.add(keys, q.unsqueeze(1), out=shared.hidden[shared.t]).sigmoid_()
         ctx.t, ctx.shared = shared.t, shared
         shared.t += 1
-        scores = torch.mv(a.view(-1, a.size(-1)), shared.v).view(a.shape[:2]).mul_(2.0)
+        scores = torch.mv(a.view(-1, a.size(-1)), shared.v2).view(a.shape[:2])
         weights = torch.softmax(scores.masked_fill_(shared.masked, float("-inf")), dim=-1)
         context = torch.bmm(weights.unsqueeze(1), shared.memory).squeeze(1)
         ctx.save_for_backward(weights)
@@ -285,17 +290,20 @@ class _AdditiveStep(torch.autograd.Function):
         shared: _Pass = ctx.shared
         assert shared.hidden is not None
         a = shared.hidden[ctx.t]  # (batch, src_len, attn)
-        grad_w = weights.new_zeros(weights.shape) if grad_weights is None else grad_weights
+        grad_w = grad_weights  # ∂L/∂w, from the weights themselves and through the context
         if grad_context is not None:
             grad_context = grad_context.contiguous()
-            grad_w = grad_w + torch.bmm(shared.memory, grad_context.unsqueeze(2)).squeeze(2)
+            through_context = torch.bmm(shared.memory, grad_context.unsqueeze(2)).squeeze(2)
+            grad_w = through_context if grad_w is None else grad_w + through_context
             shared.weights.append(weights)
             shared.grad_context.append(grad_context)
+        if grad_w is None:  # neither output reached the loss
+            return None, None, None
         # softmax: ∂L/∂s_j = w_j (∂L/∂w_j - Σ_i w_i ∂L/∂w_i); 0 where masked (w = 0)
         g = weights * (grad_w - (weights * grad_w).sum(-1, keepdim=True))  # (batch, src_len)
         shared.grad_v.addmv_(a.view(-1, a.size(-1)).t(), g.view(-1))
         a_prime = a.addcmul_(a, a, value=-1.0)  # a(1 - a), in place
-        grad_q = torch.bmm(g.unsqueeze(1), a_prime).squeeze(1).mul_(shared.v).mul_(2.0)
+        grad_q = torch.bmm(g.unsqueeze(1), a_prime).squeeze(1).mul_(shared.v2)
         if shared.sum_ga is None:
             shared.sum_ga = a_prime * g.unsqueeze(-1)
         else:
