@@ -11,6 +11,7 @@
 #   TRANSLATE_ONLY=1 benchmarks/peers.sh SECONDS [OUT] skips training and translates again
 #   with the checkpoints an earlier run of the same SECONDS left (translation rows re-measured
 #   after a change to search; the training rows stay those of that earlier run).
+#   TRANSLATE_RUNS=N (default 3): rounds of translation, each toolkit and variant in turn.
 # Needs the peers set up once: PEERS (default ~/.cache/rnmt-peers) holding joey/, onmt/,
 # tools/ and data/ (../shared/bench/setup-peers.sh, then prep_data.py). Run nothing else
 # heavy meanwhile: the toolkits run one at a time on 2 threads each.
@@ -27,8 +28,9 @@
 # toolkit's own 50-update log windows, median after the first, plus a check from the log
 # timestamps), updates done, whole-process wall and peak RSS (/usr/bin/time -v);
 # translation sentences/s decode-only (each peer's own timer; rnmt's from
-# benchmarks/translate_speed.py, model already loaded) and whole process (/usr/bin/time -v,
-# one run each), peak RSS, and sacreBLEU (13a, cased, detokenised). Output:
+# benchmarks/translate_speed.py --decode-only, model already loaded) and whole process
+# (/usr/bin/time -v), medians of TRANSLATE_RUNS rounds (default 3, ~6 min each), peak RSS
+# (the largest), and sacreBLEU (13a, cased, detokenised). Output:
 # OUT/table.md and OUT/table.json (benchmarks/peers_table.py), all logs under OUT.
 set -uo pipefail
 budget="${1:?usage: benchmarks/peers.sh SECONDS [OUT]}"
@@ -89,36 +91,51 @@ if [ "$translate_only" != 1 ]; then
 fi
 
 # --- translation -------------------------------------------------------------------------
-for tk in joey onmt; do
-    for beam in 1 5; do
-        log "translate $tk beam $beam"
-        "$bench/run-translate.sh" $tk $beam peers-$tk >> "$out/run.log" 2>&1
-    done
-done
-
 # rnmt variants: name, beam, extra options; a variant whose option this rnmt lacks is skipped
 help=$(COLUMNS=200 "${rnmt[@]}" translate --help 2>&1)
-variants=()
+variants=(); options=()
 for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16" \
          "beam5-w2 5 --workers 2" "beam5-int8-w2 5 --workers 2 --quantize int8"; do
     set -- $v
     if [ $# -gt 2 ] && ! grep -q -- "$3" <<< "$help"; then
         log "skip rnmt $1: rnmt translate has no $3"; continue
     fi
-    name=$1 beam=$2; shift 2
-    variants+=("$name")
-    o="$r/translate_$name"; mkdir -p "$o"
-    log "translate rnmt $name"
-    /usr/bin/time -v -o "$o/time.txt" "${rnmt[@]}" translate -m "$r/run/last.pt" \
-        --beam "$beam" --batch-size 64 --threads $threads --device cpu "$@" \
-        < "$PEERS/data/raw/test.de" > "$o/hyp.en" 2> "$o/log.txt" \
-        || log "rnmt translate $name failed: $(tail -1 "$o/log.txt")"
+    variants+=("$1"); options+=("$v")
 done
-log "rnmt decode-only speed (benchmarks/translate_speed.py)"
-"$py" "$root/benchmarks/translate_speed.py" "$r/run/last.pt" "$PEERS/data/raw/test.de" \
-    "$PEERS/data/raw/test.en" --runs "${TRANSLATE_RUNS:-1}" --threads $threads \
-    --batch-size 64 --variants "${variants[@]}" > "$r/translate_speed.md" 2> "$r/translate_speed.log" \
-    || log "translate_speed.py failed: $(tail -1 "$r/translate_speed.log")"
+
+# TRANSLATE_RUNS rounds (default 3), each translating with every toolkit and variant in
+# turn, so that a slow spell of this shared machine slows all of them alike; the table takes
+# each one's median. The peers' reports of every round are kept in OUT/translate_runs.
+runs="${TRANSLATE_RUNS:-3}"
+rm -rf "$out/translate_runs"; mkdir -p "$out/translate_runs"
+rm -f "$r"/translate_*/time*.txt "$r"/translate_speed*
+for run in $(seq 1 "$runs"); do
+    for tk in joey onmt; do
+        for beam in 1 5; do
+            log "translate $tk beam $beam (round $run/$runs)"
+            "$bench/run-translate.sh" $tk $beam peers-$tk >> "$out/run.log" 2>&1
+            cp "$PEERS/runs/peers-$tk/translate_b$beam/score.json" \
+                "$out/translate_runs/$tk-b$beam-$run.json" 2>/dev/null \
+                || log "no score.json from $tk beam $beam"
+        done
+    done
+    for v in "${options[@]}"; do
+        set -- $v
+        name=$1 beam=$2; shift 2
+        o="$r/translate_$name"; mkdir -p "$o"
+        log "translate rnmt $name (round $run/$runs)"
+        /usr/bin/time -v -o "$o/time.$run.txt" "${rnmt[@]}" translate -m "$r/run/last.pt" \
+            --beam "$beam" --batch-size 64 --threads $threads --device cpu "$@" \
+            < "$PEERS/data/raw/test.de" > "$o/hyp.en" 2> "$o/log.txt" \
+            || log "rnmt translate $name failed: $(tail -1 "$o/log.txt")"
+    done
+    log "rnmt decode-only speed, benchmarks/translate_speed.py (round $run/$runs)"
+    "$py" "$root/benchmarks/translate_speed.py" "$r/run/last.pt" "$PEERS/data/raw/test.de" \
+        "$PEERS/data/raw/test.en" --runs 1 --decode-only --threads $threads --batch-size 64 \
+        --variants "${variants[@]}" > "$r/translate_speed.$run.md" \
+        2> "$r/translate_speed.$run.log" \
+        || log "translate_speed.py failed: $(tail -1 "$r/translate_speed.$run.log")"
+done
 
 # --- the table ---------------------------------------------------------------------------
 python3 "$bench/collect.py" RUN_joey=peers-joey RUN_onmt=peers-onmt > "$out/collect.txt" 2>&1 \

@@ -3,10 +3,14 @@
     python benchmarks/peers_table.py --out OUT [--budget SECONDS] [--command TEXT]
 
 Reads OUT/collect.txt (../shared/bench/collect.py's table and JSON for the peers' runs),
-OUT/rnmt/ (metrics.jsonl and logs of `rnmt train`, /usr/bin/time -v of training and of each
-translation, OUT/rnmt/translate_speed.md for decode-only speed) and the reference
+OUT/translate_runs/ (the peers' score.json of every translation round), OUT/rnmt/
+(metrics.jsonl and logs of `rnmt train`, /usr/bin/time -v of training and of each
+translation round, OUT/rnmt/translate_speed.*.md for decode-only speed) and the reference
 translations in $PEERS/data/raw/test.en; prints a markdown table with rnmt ÷ OpenNMT-py
 ratios and writes it, with every number, to OUT/table.json.
+
+Translation speeds are medians over the rounds peers.sh ran (TRANSLATE_RUNS), peak memory
+the largest; a run from before the rounds (one translation each) reads as one round.
 
 rnmt's training throughput is read the way collect.py reads the peers': the median of the
 log windows after the first (target tokens/s, </s> included, no padding), and as a check
@@ -43,15 +47,42 @@ def time_v(path: Path) -> dict:
     for line in path.read_text().splitlines():
         key, _, value = line.strip().rpartition(": ")
         if key.startswith("Elapsed (wall clock)"):
-            seconds = 0.0
-            for part in value.split(":"):
-                seconds = seconds * 60 + float(part)
-            out["wall_s"] = seconds
+            out["wall_s"] = clock_seconds(value)
         elif key == "Maximum resident set size (kbytes)":
             out["rss_mb"] = int(value) / 1024
         elif key == "Exit status":
             out["exit"] = int(value)
     return out
+
+
+def clock_seconds(text: str) -> float:
+    """Seconds from /usr/bin/time's wall clock, "[h:]m:ss.ss"."""
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def peer_rounds(out: Path, tk: str, beam: str) -> dict:
+    """A peer's translation speeds over the rounds (score.json copies in OUT/translate_runs):
+    medians of sentences/s, the largest peak RSS; {} when there are none."""
+    decode, whole, rss = [], [], []
+    for path in sorted((out / "translate_runs").glob(f"{tk}-{beam}-*.json")):
+        r = json.loads(path.read_text())
+        if r.get("rc") != "0" or not r.get("sentences"):
+            continue
+        if r.get("decode_only_s"):
+            decode.append(r["sentences"] / float(r["decode_only_s"]))
+        whole.append(r["sentences"] / clock_seconds(r["wall"]))
+        rss.append(int(r["maxrss_kb"]) / 1024)
+    if not whole:
+        return {}
+    return {"decode_sps": median_or_none(decode), "whole_sps": median_or_none(whole),
+            "rss_mb": max(rss), "rounds": len(whole)}
 
 
 def peers(out: Path) -> dict[str, dict]:
@@ -76,7 +107,8 @@ def peers(out: Path) -> dict[str, dict]:
             b = r.get(key) or {}
             row[variant] = {"decode_sps": b.get("sents_per_s_decode"),
                             "whole_sps": b.get("sents_per_s_wall"),
-                            "rss_mb": b.get("maxrss_mb"), "bleu": b.get("bleu")}
+                            "rss_mb": b.get("maxrss_mb"), "bleu": b.get("bleu"), "rounds": 1,
+                            **peer_rounds(out, tk, key)}
         result[tk] = row
     return result
 
@@ -102,34 +134,39 @@ def rnmt_training(r: Path) -> dict:
             "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb")}
 
 
-def decode_only(path: Path) -> dict[str, float]:
-    """Sentences/s decode-only per variant, from translate_speed.py's markdown table."""
-    if not path.exists():
-        return {}
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in path.read_text().splitlines() if line.startswith("|")]
-    if not rows or "variant" not in rows[0] or "decode-only sent/s" not in rows[0]:
-        return {}
-    name, speed = rows[0].index("variant"), rows[0].index("decode-only sent/s")
-    return {row[name]: float(row[speed]) for row in rows[2:] if len(row) > speed}
+def decode_only(r: Path) -> dict[str, list[float]]:
+    """Sentences/s decode-only per variant, one number per round, from translate_speed.py's
+    markdown tables (translate_speed.md of a run before the rounds, translate_speed.N.md)."""
+    speeds: dict[str, list[float]] = {}
+    for path in sorted(r.glob("translate_speed*.md")):
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+                for line in path.read_text().splitlines() if line.startswith("|")]
+        if not rows or "variant" not in rows[0] or "decode-only sent/s" not in rows[0]:
+            continue
+        name, speed = rows[0].index("variant"), rows[0].index("decode-only sent/s")
+        for row in rows[2:]:
+            if len(row) > speed:
+                speeds.setdefault(row[name], []).append(float(row[speed]))
+    return speeds
 
 
 def rnmt_translations(r: Path, refs: list[str]) -> dict:
-    speeds = decode_only(r / "translate_speed.md")
+    speeds = decode_only(r)
     result = {}
     for variant in VARIANTS:
         o = r / f"translate_{variant}"
         if not o.is_dir():
             continue  # skipped: this rnmt lacks the variant's option
-        timed = time_v(o / "time.txt")
         hyp = o / "hyp.en"
         hyps = hyp.read_text(encoding="utf-8").splitlines() if hyp.exists() else []
-        ok = timed.get("exit") == 0 and len(hyps) == len(refs)
+        rounds = [time_v(path) for path in sorted(o.glob("time*.txt"))]
+        ok = [t for t in rounds if t.get("exit") == 0] if len(hyps) == len(refs) else []
         result[variant] = {
-            "decode_sps": speeds.get(variant),
-            "whole_sps": len(refs) / timed["wall_s"] if ok else None,
-            "rss_mb": timed.get("rss_mb") if ok else None,
+            "decode_sps": median_or_none(speeds.get(variant, [])),
+            "whole_sps": median_or_none([len(refs) / t["wall_s"] for t in ok]),
+            "rss_mb": max((t["rss_mb"] for t in ok), default=None),
             "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2) if ok else None,
+            "rounds": len(ok),
         }
     return result
 
@@ -144,6 +181,17 @@ def ratio(a, b, difference: bool = False) -> str:
     if a is None or b is None or (not difference and not b):
         return "n/a"
     return f"{a - b:+.2f}" if difference else f"{a / b:.2f}×"
+
+
+def rounds_text(tk: dict[str, dict]) -> str:
+    """How many translation rounds the medians are of, e.g. "3 rounds"."""
+    counts = {block["rounds"] for row in tk.values() for block in row.values()
+              if isinstance(block, dict) and "rounds" in block}
+    if not counts:
+        return "no rounds"
+    low, high = min(counts), max(counts)
+    n = f"{low}" if low == high else f"{low}–{high}"
+    return f"{n} round{'s' if high > 1 else ''}"
 
 
 def machine() -> str:
@@ -198,7 +246,8 @@ def main() -> None:
     print(f"Reference model, Multi30k de→en, {budget} of CPU training each (2 threads), "
           f"test_2016_flickr (1000 sentences, batch 64); {date}, {machine()}; "
           f"`{args.command}`. Ratio: rnmt ÷ OpenNMT-py (int8/bf16/workers rows against its fp32 "
-          "beam 5); BLEU: difference. sacreBLEU 13a, cased, detokenised.\n")
+          "beam 5); BLEU: difference. sacreBLEU 13a, cased, detokenised. Translation "
+          f"sentences/s: median of {rounds_text(tk)}; peak RSS: the largest.\n")
     print("| | " + " | ".join(NAMES[t] for t in columns) + " | rnmt ÷ OpenNMT-py |")
     print("|---|" + "---:|" * (len(columns) + 1))
     for label, cells, r in rows:

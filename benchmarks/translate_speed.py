@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                         choices=list(VARIANTS), help="what to measure")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="skip the whole-process and start-up runs (benchmarks/peers.sh "
+                             "times those itself)")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -152,7 +155,8 @@ def main() -> None:
             m.outputs = [t.text for t in best]
             m.pieces = sum(len(t.pieces) + 1 for t in best)
             line = f"run {run + 1}/{args.runs} {name}: decode {m.decode[-1]:.2f} s"
-            if VARIANTS[name].pack:  # the command line packs: unpacked variants are decode-only
+            # The command line always packs: unpacked variants are decode-only.
+            if VARIANTS[name].pack and not args.decode_only:
                 options = cli_args(VARIANTS[name], args)
                 seconds, peak, cli_out = run_cli(args.checkpoint, args.source, options,
                                                  args.threads)
