@@ -51,7 +51,9 @@ def test_translate_keeps_one_line_per_input_line_with_empty_lines(trained_checkp
         assert (out[i] == "") == (line.strip() == ""), (i, out[i])
 
 
-def test_greedy_and_beam_one_print_the_same(trained_checkpoint, corpus_dir):
+def test_greedy_output_is_the_same_whatever_the_batch_size(trained_checkpoint, corpus_dir):
+    # beam 1 is greedy search (`search_nbest`); beam 1 = beam search's k = 1 is
+    # tests/test_search.py's and test_quantize.py's.
     sources = (corpus_dir / "test.en").read_text()
     beam1 = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", "1",
                      stdin=sources, check=True).stdout

@@ -83,6 +83,14 @@ def _train_and_translate_through_the_cli(bin_dir, corpus_dir, tmp_path, options)
     assert translated.returncode == 0, translated.stderr.decode()
     lines = translated.stdout.decode().splitlines()
     assert len(lines) == len(sources)
+    # What translate rebuilt is the model trained: every option given is in its config
+    # (reversing the source, say, has no parameters that a wrong rebuild would trip on).
+    config = load_model(save / "best.pt", torch.device("cpu")).model.config
+    for key, value in options.items():
+        if key == "layers":
+            assert (config.enc_layers, config.dec_layers) == (value, value)
+        else:
+            assert getattr(config, key) == value, key
     return [" ".join(json.loads(line)["pieces"]) for line in lines]
 
 

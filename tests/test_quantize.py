@@ -67,9 +67,13 @@ def test_teacher_forcing_through_a_quantized_language_model_is_close_to_fp32():
     assert _relative_error(approx, exact) < 0.04
 
 
-def test_beam_1_is_greedy_search_under_int8(trained_checkpoint, corpus_dir):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_beam_1_is_greedy_search_on_the_cpu_translation_layers(trained_checkpoint, corpus_dir,
+                                                               quantize):
+    """On the layers `rnmt translate` swaps in on a CPU (oneDNN fp32 by default, or int8),
+    beam search with k = 1 is greedy search."""
     translator = Translator.load(trained_checkpoint, SearchConfig(beam=1), device="cpu",
-                                 quantize="int8")
+                                 quantize=quantize)
     lines = (corpus_dir / "test.en").read_text("utf-8").splitlines()[:24]
     ids = translator.src_vocab.encode(lines)
     src, lengths = pad_sentences(ids, suffix=EOS)
@@ -86,7 +90,13 @@ def test_an_ensemble_is_quantized_member_by_member(trained_checkpoint):
                                  device="cpu", quantize="int8")
     assert isinstance(translator.model, Ensemble)
     assert all(isinstance(m.decoder.rnn.gemms[0], Int8Linear) for m in translator.model.members)
-    assert all(translator.translate_lines(["one hundred twelve", "seven"]))
+    lines = ["one hundred twelve", "seven", "four hundred twenty-one"]
+    # Two copies of one model: their average is that model, so the ensemble's search
+    # gives the single int8 model's output.
+    single = Translator.load(trained_checkpoint, SearchConfig(beam=2), device="cpu",
+                             quantize="int8")
+    together = list(translator.translate_lines(lines))
+    assert all(together) and together == list(single.translate_lines(lines))
 
 
 def test_int8_translation_of_the_demo_is_nearly_the_fp32_translation(trained_checkpoint,

@@ -96,7 +96,8 @@ def test_recurrent_product_gives_the_matmul_and_its_gradients_over_a_recurrence(
 @pytest.mark.parametrize("attention,layers,input_feeding",
                          [("bahdanau", 1, False), ("bahdanau", 2, False), ("general", 2, True)])
 def test_cpu_training_fast_path_gives_the_gradients_of_the_plain_steps(attention, layers,
-                                                                       input_feeding):
+                                                                       input_feeding,
+                                                                       monkeypatch):
     """The decoder's teacher-forced steps in fp32 on the CPU take `Stepper`'s fast path
     (oneDNN products, the embeddings' share precomputed); with oneDNN switched off they
     are plain `RNN.step`s. Same loss, same gradients for every parameter."""
@@ -107,7 +108,15 @@ def test_cpu_training_fast_path_gives_the_gradients_of_the_plain_steps(attention
     model = build_model(config).train()
     src = torch.tensor([[5, 6, 7, 8, EOS], [9, 10, EOS, 0, 0], [11, EOS, 0, 0, 0]])
     tgt = torch.tensor([[2, 4, 5, 6], [2, 7, 8, 0], [2, 9, 0, 0]])
-    assert Stepper(model.decoder.rnn, torch.zeros(3, 4, 16, requires_grad=True)).fast
+    # Which path each forward took: the model's own Steppers, as built.
+    paths: list[bool] = []
+    build = Stepper.__init__
+
+    def recording(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        paths.append(self.fast)
+
+    monkeypatch.setattr(Stepper, "__init__", recording)
     results = []
     for onednn in (True, False):
         model.zero_grad()
@@ -115,6 +124,7 @@ def test_cpu_training_fast_path_gives_the_gradients_of_the_plain_steps(attention
             loss = model(src, torch.tensor([5, 3, 2]), tgt).log_softmax(-1)[..., 3].sum()
             loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert paths == [True, False]  # fast with oneDNN, plain steps without
     (loss, grads), (expected_loss, expected_grads) = results
     torch.testing.assert_close(loss, expected_loss)
     for name, grad in grads.items():

@@ -272,34 +272,53 @@ def test_score_and_average_refuse_damaged_checkpoints(trained_checkpoint, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("rnmt: error:") and "model.pt" in lines[0]
 
 
-def _language_model(trained_checkpoint, path):
-    """An untrained language model over the translation model's target vocabulary."""
+def _tiny_model(trained_checkpoint, path, arch):
+    """An untrained model of `arch` whose source and target vocabularies are both the
+    translation model's target vocabulary (a language model needs one vocabulary)."""
     from rnmt.checkpoint import save_checkpoint
     from rnmt.models import ModelConfig, build_model
 
     payload = load_checkpoint(trained_checkpoint)
     size = len(payload["tgt_vocab"]["pieces"])
-    config = ModelConfig(size, size, arch="lm", emb_dim=8, dec_hidden_dim=8, dropout=0.0)
+    config = ModelConfig(size, size, arch=arch, emb_dim=8, hidden_dim=8, dec_hidden_dim=8,
+                         dropout=0.0)
     save_checkpoint({"model_config": config.to_dict(), "model": build_model(config).state_dict(),
                      "src_vocab": payload["tgt_vocab"], "tgt_vocab": payload["tgt_vocab"]},
                     path)
     return path
 
 
-def test_a_language_model_in_a_translation_ensemble_is_a_clear_error(trained_checkpoint,
-                                                                      tmp_path):
+def _language_model(trained_checkpoint, path):
+    """An untrained language model over the translation model's target vocabulary."""
+    return _tiny_model(trained_checkpoint, path, "lm")
+
+
+def _ensemble_error(models) -> str:
     from typer.testing import CliRunner
 
     from rnmt_cli.main import app
 
+    args = [a for m in models for a in ("-m", str(m))]
+    result = CliRunner().invoke(app, ["translate", *args, "--device", "cpu"], input="nine\n")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert len(lines) == 1 and lines[0].startswith("rnmt: error:"), lines
+    return lines[0]
+
+
+def test_a_language_model_in_a_translation_ensemble_is_a_clear_error(trained_checkpoint,
+                                                                      tmp_path):
     lm = _language_model(trained_checkpoint, tmp_path / "lm.pt")
-    for models in ([trained_checkpoint, lm], [lm, trained_checkpoint]):
-        args = [a for m in models for a in ("-m", str(m))]
-        result = CliRunner().invoke(app, ["translate", *args, "--device", "cpu"], input="nine\n")
-        lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 2 and result.stdout == "", result.output
-        assert len(lines) == 1 and lines[0].startswith("rnmt: error:") and "lm.pt" in str(models)
-        assert "vocabulary" in lines[0] or "language model" in lines[0]
+    # Same vocabularies on both sides, so only the kind of model differs.
+    translation = _tiny_model(trained_checkpoint, tmp_path / "tm.pt", "attention")
+    for first, second in ((translation, lm), (lm, translation)):
+        error = _ensemble_error([first, second])
+        assert error == (f"rnmt: error: {second}: cannot ensemble a language model with a "
+                         "translation model"), error
+    # With the trained model, whose source vocabulary is not the LM's, the vocabularies
+    # differ first: the error names the member and the side.
+    error = _ensemble_error([trained_checkpoint, lm])
+    assert str(lm) in error and "src vocabulary differs" in error, error
 
 
 def test_a_language_model_given_a_source_to_score_is_a_clear_error(trained_checkpoint,

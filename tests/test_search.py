@@ -52,17 +52,24 @@ def test_beam_of_one_equals_greedy():
             assert abs(g.score - b[0].score) < 1e-4
 
 
-def test_beam_scores_are_the_model_scores_of_their_outputs():
+@pytest.mark.parametrize("max_len_a, max_len_b", [(1.5, 6), (0.0, 3)])
+def test_beam_scores_are_the_model_scores_of_their_outputs(max_len_a, max_len_b):
+    """Every hypothesis, ended by </s> or by the length limit (the second case stops most
+    of them there): its score is log p(y </s> | x) by teacher forcing."""
     model = _model(4)
     src, lengths = _batch(4, n=5)
-    hyps = beam_search(model, src, lengths, SearchConfig(beam=4, max_len_b=6))
+    config = SearchConfig(beam=4, max_len_a=max_len_a, max_len_b=max_len_b)
+    hyps = beam_search(model, src, lengths, config)
+    at_limit = 0
     for i, sentence in enumerate(hyps):
         assert len(sentence) == 4
         for hyp in sentence:
-            if len(hyp.tokens) + 1 < int(1.5 * lengths[i]) + 6:  # ended by </s>, not the limit
-                forced = _forced_score(model, src[i : i + 1, : lengths[i]], lengths[i : i + 1],
-                                       hyp.tokens)
-                assert abs(forced - hyp.score) < 1e-4
+            at_limit += len(hyp.tokens) + 1 == int(max_len_a * lengths[i] + max_len_b)
+            forced = _forced_score(model, src[i : i + 1, : lengths[i]], lengths[i : i + 1],
+                                   hyp.tokens)
+            assert abs(forced - hyp.score) < 1e-4
+    if max_len_b == 3:
+        assert at_limit > 0
 
 
 def test_beam_search_finds_at_least_greedys_score_when_unnormalised():
@@ -93,6 +100,20 @@ def test_output_length_respects_the_limit():
         for out in search(model, src, lengths, config):
             hyp = out[0] if isinstance(out, list) else out
             assert len(hyp.tokens) <= 2  # 3 positions, the last one </s>
+
+
+def test_the_length_limit_grows_with_each_sentences_own_length():
+    """max_len_a × |x| + max_len_b pieces, </s> included, |x| each sentence's own length
+    (its </s> counted), not the padded batch's: with </s> held back by min_len, every
+    output runs to exactly its limit."""
+    model = _model(7)
+    src, lengths = _batch(7)
+    assert len(set(lengths.tolist())) > 2
+    config = SearchConfig(beam=3, max_len_a=0.5, max_len_b=2, min_len=100)
+    for search in (greedy_search, beam_search):
+        for i, out in enumerate(search(model, src, lengths, config)):
+            hyp = out[0] if isinstance(out, list) else out
+            assert len(hyp.tokens) + 1 == int(0.5 * int(lengths[i]) + 2), (search, i)
 
 
 def _ngrams(tokens, n):

@@ -76,3 +76,26 @@ def test_fp16_loss_scaling_skips_an_overflow_halves_the_scale_and_resumes_with_i
     trainer.save()
     resumed = Trainer(bin_dir, TINY_MODEL, TrainConfig(**{**vars(config), "resume": True}))
     assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, units", [
+    (False, False, False), (True, False, True), (False, True, True), (True, True, True)])
+def test_bf16_units_are_amx_or_avx512_bf16_and_only_their_absence_warns(
+        monkeypatch, amx, avx512_bf16, units):
+    # The CPU's answer is faked both ways, so the warning's logic is checked on any machine
+    # (the end-to-end tests can only see this machine's answer).
+    import rnmt.precision as precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    precision.cpu_has_bf16_units.cache_clear()
+    try:
+        assert precision.cpu_has_bf16_units() is units
+        warning = precision.check_precision("bf16", torch.device("cpu"))
+        assert (warning is None) is units
+        if warning is not None:
+            assert warning.startswith("--precision bf16 on a CPU without AMX or AVX512-BF16")
+        assert precision.check_precision("fp32", torch.device("cpu")) is None
+    finally:
+        precision.cpu_has_bf16_units.cache_clear()  # the next caller asks the real CPU
