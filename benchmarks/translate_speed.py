@@ -20,6 +20,8 @@ busy machine slows every variant alike):
   start-up       the whole process on a one-line input;
 and the BLEU of the output (sacreBLEU, 13a, cased) against REFERENCE. The whole-process
 output must equal the decode-only output; a difference is reported on stderr.
+`--decode-only` measures decode-only alone (benchmarks/peers.sh times the whole process
+itself, beside the peers).
 Target pieces count `</s>`.
 """
 
