@@ -92,11 +92,14 @@ def test_an_ensemble_is_quantized_member_by_member(trained_checkpoint):
     assert all(isinstance(m.decoder.rnn.gemms[0], Int8Linear) for m in translator.model.members)
     lines = ["one hundred twelve", "seven", "four hundred twenty-one"]
     # Two copies of one model: their average is that model, so the ensemble's search
-    # gives the single int8 model's output.
+    # gives the single int8 model's translations, with its scores.
     single = Translator.load(trained_checkpoint, SearchConfig(beam=2), device="cpu",
                              quantize="int8")
-    together = list(translator.translate_lines(lines))
-    assert all(together) and together == list(single.translate_lines(lines))
+    together, alone = translator.nbest(lines), single.nbest(lines)
+    assert all(t[0].text for t in together)
+    assert [t[0].text for t in together] == [t[0].text for t in alone]
+    for (t, *_), (a, *_) in zip(together, alone):
+        assert t.raw_score == pytest.approx(a.raw_score, abs=1e-4)
 
 
 def test_int8_translation_of_the_demo_is_nearly_the_fp32_translation(trained_checkpoint,
