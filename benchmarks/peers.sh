@@ -91,16 +91,17 @@ if [ "$translate_only" != 1 ]; then
 fi
 
 # --- translation -------------------------------------------------------------------------
-# rnmt variants: name, beam, extra options; a variant whose option this rnmt lacks is skipped
+# rnmt variants: name, beam, extra options ("${options[@]%% *}": the names); a variant
+# whose option this rnmt lacks is skipped
 help=$(COLUMNS=200 "${rnmt[@]}" translate --help 2>&1)
-variants=(); options=()
+options=()
 for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16" \
          "beam5-w2 5 --workers 2" "beam5-int8-w2 5 --workers 2 --quantize int8"; do
     set -- $v
     if [ $# -gt 2 ] && ! grep -q -- "$3" <<< "$help"; then
         log "skip rnmt $1: rnmt translate has no $3"; continue
     fi
-    variants+=("$1"); options+=("$v")
+    options+=("$v")
 done
 
 # TRANSLATE_RUNS rounds (default 3), each translating with every toolkit and variant in
@@ -132,7 +133,7 @@ for run in $(seq 1 "$runs"); do
     log "rnmt decode-only speed, benchmarks/translate_speed.py (round $run/$runs)"
     "$py" "$root/benchmarks/translate_speed.py" "$r/run/last.pt" "$PEERS/data/raw/test.de" \
         "$PEERS/data/raw/test.en" --runs 1 --decode-only --threads $threads --batch-size 64 \
-        --variants "${variants[@]}" > "$r/translate_speed.$run.md" \
+        --variants "${options[@]%% *}" > "$r/translate_speed.$run.md" \
         2> "$r/translate_speed.$run.log" \
         || log "translate_speed.py failed: $(tail -1 "$r/translate_speed.$run.log")"
 done

@@ -307,9 +307,9 @@ class TokenBatchSampler:
     Sentences are sorted by target length, then by source length (rising within even
     target lengths, falling within odd ones, so that a batch straddling two target lengths
     holds sources of similar length: on Multi30k 6.9 % source padding instead of 9.8 %),
-    with random tie-breaking, cut
-    into batches whose padded size `n_sentences * max(len + 1)` stays within `max_tokens`
-    on either side, and the batches are shuffled. Every epoch re-draws the order from
+    with random tie-breaking, cut into batches whose padded size
+    `n_sentences * max(len + 1)` stays within `max_tokens` on either side, and the batches
+    are shuffled. Every epoch re-draws the order from
     `seed + epoch`, so an epoch can be reproduced (and resumed) from `(epoch, position)`.
     """
 

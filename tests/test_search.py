@@ -52,8 +52,10 @@ def test_beam_of_one_equals_greedy():
             assert abs(g.score - b[0].score) < 1e-4
 
 
-@pytest.mark.parametrize("max_len_a, max_len_b", [(1.5, 6), (0.0, 3)])
-def test_beam_scores_are_the_model_scores_of_their_outputs(max_len_a, max_len_b):
+@pytest.mark.parametrize("max_len_a, max_len_b, limit_reached", [(1.5, 6, False),
+                                                                  (0.0, 3, True)])
+def test_beam_scores_are_the_model_scores_of_their_outputs(max_len_a, max_len_b,
+                                                           limit_reached):
     """Every hypothesis, ended by </s> or by the length limit (the second case stops most
     of them there): its score is log p(y </s> | x) by teacher forcing."""
     model = _model(4)
@@ -68,7 +70,7 @@ def test_beam_scores_are_the_model_scores_of_their_outputs(max_len_a, max_len_b)
             forced = _forced_score(model, src[i : i + 1, : lengths[i]], lengths[i : i + 1],
                                    hyp.tokens)
             assert abs(forced - hyp.score) < 1e-4
-    if max_len_b == 3:
+    if limit_reached:
         assert at_limit > 0
 
 

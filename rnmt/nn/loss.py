@@ -21,11 +21,11 @@ Two ways to the same numbers, which `vocabulary_loss` chooses between:
   above its largest mmap threshold), so each one costs fresh zeroed pages from the kernel:
   20–30 ms of page faults apiece on the development machine, against 10 ms for the
   log-softmax itself. `VocabularyLoss` writes the logits into one buffer that the model
-  keeps from batch to batch (`rnmt.nn.scratch.ScratchBuffer`), turns them into log-probabilities in place,
-  and in the backward pass turns those, in place, into ∂loss/∂z. The buffer's width is V
-  rounded up to a multiple of 16 (`PAD_COLUMNS`), because MKL multiplies
-  (3000 × 512) @ (512 × 3968) in 104 ms but @ (512 × 3964) in 131 ms; the extra columns
-  have weight 0 and bias −inf, so their probability is exactly 0.
+  keeps from batch to batch (`rnmt.nn.scratch.ScratchBuffer`), turns them into
+  log-probabilities in place, and in the backward pass turns those, in place, into
+  ∂loss/∂z. The buffer's width is V rounded up to a multiple of 16 (`PAD_COLUMNS`),
+  because MKL multiplies (3000 × 512) @ (512 × 3968) in 104 ms but @ (512 × 3964) in
+  131 ms; the extra columns have weight 0 and bias −inf, so their probability is exactly 0.
 
 Measured on the development machine (AMD EPYC, 2 threads, fp32), n = 3000, o_t of size
 512, V = 3964, forward + backward: `F.linear` + `F.cross_entropy` 451 ms, `VocabularyLoss`
