@@ -15,6 +15,9 @@ attention scores stay as they are. Two kinds of `linear`:
   reference model: 1.21× the unpacked speed (1.17–1.40× over five comparisons), greedy
   1.28×, BLEU unchanged (`benchmarks/translate_speed.py`, variants `-unpacked`). A torch
   build without oneDNN keeps the model as it is (`onednn_available`).
+  `pack_for_cpu(model, torch.bfloat16)` (`--precision bf16` on a CPU) makes the same
+  layers multiply in bf16, on AMX where the CPU has it; everything around the products
+  stays fp32.
 - `rnmt.quantize.Int8Linear`: int8 weights and activations (`--quantize int8`).
 
 Checkpoints never hold packed layers: packing happens after loading, and the model's
@@ -23,6 +26,7 @@ state dict no longer describes the swapped layers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -152,13 +156,25 @@ def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
     return model.eval()
 
 
-def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """An fp32 CPU model's per-step layers on oneDNN (`OneDNNLinear`), whatever its cell
-    implementation (fused or reference: same weights, same numbers); the model unchanged
-    when it is not fp32 on the CPU, or where this torch lacks oneDNN or has it switched
-    off (`torch.backends.mkldnn.enabled = False`)."""
+def can_pack(model: nn.Module, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `pack_for_cpu(model, dtype)` packs: an fp32 model on the CPU, a torch with
+    oneDNN switched on (`torch.backends.mkldnn.enabled`), and for bf16 its bf16 kernels."""
     first = next(model.parameters(), None)
     if (first is None or first.dtype != torch.float32 or first.device.type != "cpu"
             or not torch.backends.mkldnn.enabled or not onednn_available()):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def pack_for_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An fp32 CPU model's per-step layers on oneDNN (`OneDNNLinear`), whatever its cell
+    implementation (fused or reference: same weights, same numbers), their products in
+    `dtype` (fp32, or bf16 for `--precision bf16`); the model unchanged where `can_pack`
+    says no."""
+    if not can_pack(model, dtype):
         return model
-    return swap_step_layers(model, OneDNNLinear)
+    if dtype == torch.float32:
+        return swap_step_layers(model, OneDNNLinear)
+    return swap_step_layers(model, functools.partial(OneDNNLinear, dtype=dtype))

@@ -35,7 +35,7 @@ from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.precision import PRECISIONS, check_precision, check_precision_name
 from rnmt.quantize import check_quantize, quantize_for_inference
 from rnmt.search import Hypothesis, SearchConfig, search_nbest
-from rnmt.step_layers import pack_for_cpu
+from rnmt.step_layers import can_pack, pack_for_cpu
 from rnmt.vocab import EOS, Vocabulary
 
 OUTPUT_FORMATS = ("text", "json")
@@ -123,13 +123,18 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
 
 def prepare_model(model: nn.Module, precision: str = "fp32", quantize: str = "none",
                   pack: bool = True) -> nn.Module:
-    """The loaded fp32 model in the numerics asked for (see `resolve_numerics`); in fp32 on
-    a CPU, with `pack`, its per-step layers on oneDNN (`rnmt.step_layers.pack_for_cpu`)."""
+    """The loaded fp32 model in the numerics asked for (see `resolve_numerics`). On a CPU,
+    with `pack`, its per-step layers run on oneDNN (`rnmt.step_layers.pack_for_cpu`),
+    multiplying in fp32, or in bf16 for bf16 while everything else stays fp32; elsewhere
+    (a GPU, or `pack=False`) bf16 and fp16 cast the whole model."""
     if quantize == "int8":
         return quantize_for_inference(model)
-    if precision != "fp32":
-        return compact_rnn_weights(model.to(PRECISIONS[precision]))
-    return pack_for_cpu(model) if pack else model
+    if precision == "fp32":
+        return pack_for_cpu(model) if pack else model
+    dtype = PRECISIONS[precision]
+    if pack and can_pack(model, dtype):  # a CPU: bf16 products, fp32 around them
+        return pack_for_cpu(model, dtype)
+    return compact_rnn_weights(model.to(dtype))
 
 
 def load_models(paths: Sequence[str | Path], device: torch.device) -> LoadedModel:

@@ -16,6 +16,9 @@ from rnmt.step_layers import StepRecurrent, pack_for_cpu
 from rnmt.translator import Translator, prepare_model
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="oneDNN has no bf16 kernels on this CPU (it needs AVX-512 or AMX)")
 
 
 @needs_onednn
@@ -32,6 +35,24 @@ def test_a_onednn_linear_computes_the_float_linear():
     x = torch.randn(5, 96)
     torch.testing.assert_close(OneDNNLinear(linear.weight)(x), x @ linear.weight.t(),
                                rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn_bf16
+def test_a_bf16_onednn_linear_multiplies_the_bf16_roundings_in_fp32():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    packed = OneDNNLinear(linear.weight, linear.bias, dtype=torch.bfloat16)
+    x = torch.randn(7, 3, 96)
+    y = packed(x)
+    linear.requires_grad_(False)
+    assert y.shape == (7, 3, 200) and y.dtype == torch.float32
+    # What it promises: bf16 inputs and weight, fp32 accumulation and bias, the result
+    # rounded once to bf16. fp32 alone would differ by ~1e-3 of |y| (the inputs' rounding).
+    bf16 = lambda t: t.bfloat16().float()  # noqa: E731
+    exact = bf16(F.linear(bf16(x), bf16(linear.weight), linear.bias))
+    torch.testing.assert_close(y, exact, rtol=1e-2, atol=1e-2)
+    assert _relative_error(y, exact) < 4e-3
+    assert _relative_error(y, F.linear(x, linear.weight, linear.bias)) > 1e-4
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -88,7 +109,11 @@ def test_a_packed_model_computes_what_the_model_computes(overrides):
 def test_only_fp32_cpu_models_are_packed(monkeypatch):
     for dtype in (torch.float64, torch.bfloat16):
         assert isinstance(pack_for_cpu(_model().to(dtype)).decoder.rnn, RNN)
-    assert isinstance(prepare_model(_model(), precision="bf16").decoder.rnn, RNN)
+    with monkeypatch.context() as no_bf16:  # bf16 without oneDNN's bf16: the model cast
+        no_bf16.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        cast = prepare_model(_model(), precision="bf16")
+        assert isinstance(cast.decoder.rnn, RNN)
+        assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
     with monkeypatch.context() as switched_off:
         switched_off.setattr(torch.backends.mkldnn, "enabled", False)
         assert isinstance(pack_for_cpu(_model()).decoder.rnn, RNN)
@@ -98,6 +123,25 @@ def test_only_fp32_cpu_models_are_packed(monkeypatch):
     assert all(isinstance(m, OneDNNLinear) for m in (packed.decoder.output, packed.generator,
                                                      packed.decoder.attention.query_proj))
     assert isinstance(packed.encoder.rnn, RNN)  # run once per sentence: stays as it is
+
+
+@needs_onednn_bf16
+def test_bf16_on_the_cpu_multiplies_in_bf16_and_keeps_the_rest_fp32():
+    model = _model()
+    src = torch.randint(4, 30, (3, 7))
+    lengths, tgt = torch.tensor([7, 5, 2]), torch.randint(4, 30, (3, 6))
+    with torch.no_grad():
+        exact = model(src, lengths, tgt)
+        packed = prepare_model(model, precision="bf16")
+        assert isinstance(packed.decoder.rnn, StepRecurrent)
+        layers = (packed.decoder.output, packed.generator, packed.decoder.attention.query_proj,
+                  packed.decoder.rnn.gemms[0])
+        assert all(isinstance(m, OneDNNLinear) and m.dtype == torch.bfloat16 for m in layers)
+        # The weights left as parameters (embeddings, encoder, attention's v) stay fp32.
+        assert {p.dtype for p in packed.parameters()} == {torch.float32}
+        approx = packed(src, lengths, tgt)
+    assert approx.dtype == torch.float32
+    assert 1e-5 < _relative_error(approx, exact) < 0.02
 
 
 @needs_onednn

@@ -56,27 +56,37 @@ def _reorder(weight: Tensor) -> Tensor:
 
 
 class OneDNNLinear(nn.Module):
-    """y = x Wᵀ + b in fp32 through oneDNN, the weight reordered once at construction.
-    Shapes: x (..., in_features) -> (..., out_features). Inference only (no autograd).
-    Inputs run padded to `row_bucket` rows."""
+    """y = x Wᵀ + b through oneDNN, the weight reordered once at construction.
+    Shapes: x (..., in_features) -> (..., out_features), fp32 in and out. Inference only
+    (no autograd). Inputs run padded to `row_bucket` rows.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+    `dtype` is what the product multiplies in: fp32, or bf16 (`--precision bf16` on a CPU
+    with AMX / AVX512-BF16): the weight is stored in bf16, x is rounded to bf16 on the way
+    in, oneDNN accumulates in fp32, adds the fp32 bias and rounds the result to bf16, which
+    comes back as fp32. Only the product is bf16: what surrounds it (gates, attention,
+    softmax, the recurrent state) stays fp32.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self._packed = _reorder(weight.float().cpu())
+        self.dtype = dtype
+        self._packed = _reorder(weight.detach().cpu().to(dtype))
         self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous()
+        flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         rows, size = flat.size(0), row_bucket(flat.size(0))
         if size > rows:  # full batches (64 × beam 5 = 320 rows) are a size already: no copy
             # Rows are independent: the zero rows only fill the kernel's shape.
             flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
         y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._bias, "none", [], "")
-        return y[:rows].view(*x.shape[:-1], self.out_features)
+        return y[:rows].float().view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+        precision = "" if self.dtype == torch.float32 else f" {self.dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN{precision}"
 
 
 @functools.cache
