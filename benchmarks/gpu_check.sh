@@ -70,7 +70,7 @@ done
 
 # 2. Reference model: train, then translate in fp32 and bf16.
 if [ "$ref_minutes" != 0 ]; then
-"$rnmt" train "$work/bin" --save-dir "$work/ref" --device "$device" --max-time "$ref_minutes" \
+"$rnmt" train "$work/bin" --save-dir "$work/ref" --overwrite --device "$device" --max-time "$ref_minutes" \
     --max-epochs 1000 --log-every 200 > "$logs/ref_train.log" 2>&1
 log "reference training: $(grep -E "done|stopp" "$logs/ref_train.log" | tail -1)"
 "$py" "$root/benchmarks/translate_speed.py" "$work/ref/best.pt" "$work/spm/raw/test.de" \

@@ -30,7 +30,7 @@ declare -A models=(
 echo -e "model\tsteps\tbest_valid_ppl\tBLEU\tchrF\tflags" | tee "$out/zoo.tsv"
 for name in seq2seq seq2seq-reverse bahdanau-lstm luong-general-feed bahdanau-rnn bahdanau-gru; do
     # shellcheck disable=SC2086
-    rnmt train "$work/bin" --save-dir "$work/$name" ${models[$name]} --max-time "$minutes" \
+    rnmt train "$work/bin" --save-dir "$work/$name" --overwrite ${models[$name]} --max-time "$minutes" \
         --max-epochs 1000 --device "$device" --log-every 1000 > "$out/$name.train.log" 2>&1
     rnmt translate -m "$work/$name/best.pt" --beam 5 --device "$device" \
         < "$work/spm/raw/test.de" > "$out/$name.test.en"

@@ -19,7 +19,7 @@ mkdir -p "$work"
 "$bin/python" "$root/benchmarks/reference_spm.py" --multi30k "$m30k" --out "$work/spm"
 "$bin/rnmt" preprocess -s de -t en --train "$work/spm/raw/train" --valid "$work/spm/raw/val" \
     --test "$work/spm/raw/test" --spm-model "$work/spm/spm.model" --out "$work/bin"
-/usr/bin/time -v -o "$work/train.time" "$bin/rnmt" train "$work/bin" --save-dir "$work/run" \
+/usr/bin/time -v -o "$work/train.time" "$bin/rnmt" train "$work/bin" --save-dir "$work/run" --overwrite \
     --max-time "$minutes" --max-epochs 1000 --threads 2 --device cpu --log-every 50 \
     2> >(tee "$work/train.log" >&2)
 

@@ -15,14 +15,19 @@ def average(
     save_dir: Annotated[Optional[Path], typer.Option(help="Run directory that --last picks checkpoints from.")] = None,
 ) -> None:
     """Average checkpoints' parameters (fairseq's average_checkpoints)."""
-    from rnmt.checkpoint import average_checkpoints, latest_checkpoints, save_checkpoint
+    from rnmt.checkpoint import (average_checkpoints, check_average_output,
+                                 latest_checkpoints, save_checkpoint)
+    from rnmt.errors import ConfigError
 
     paths = list(checkpoints or [])
+    if last < 0:
+        raise ConfigError(f"--last {last}: must be at least 1 (0 = not used)")
     if last:
         if save_dir is None:
             raise typer.BadParameter("--last needs --save-dir", param_hint="--last")
         paths += latest_checkpoints(save_dir, last)
     if not paths:
         raise typer.BadParameter("give checkpoints, or --last N --save-dir DIR")
+    check_average_output(paths, output)  # before averaging: refused without any work done
     save_checkpoint(average_checkpoints(paths), output)
     print(f"averaged {len(paths)} checkpoints into {output}")

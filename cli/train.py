@@ -86,22 +86,39 @@ MODEL_OPTIONS = (
 
 def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
              ) -> dict[str, Any]:
-    """Command line > --config file > defaults; the file's values converted to the
-    options' types (so `lr: 1e-3`, a string to PyYAML, is a float)."""
+    """Command line > --config file > the resumed run's options (--resume) > defaults; the
+    files' values converted to the options' types (so `lr: 1e-3`, a string to PyYAML, is a
+    float)."""
     import typing
 
     from rnmt.run_config import coerce, load_run_config, merge_options
 
-    if config_file is None:
-        return given
     explicit = {name for name in given
                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT")
                 not in ("DEFAULT", "DEFAULT_MAP")}
-    from_file = load_run_config(config_file)
-    merged = merge_options(given, explicit, from_file, str(config_file))
     hints = typing.get_type_hints(train)
-    for name in set(from_file) - explicit:
-        merged[name] = coerce(merged[name], hints[name], name, str(config_file))
+    merged = dict(given)
+    if config_file is not None:
+        from_file = load_run_config(config_file)
+        merged = merge_options(given, explicit, from_file, str(config_file))
+        for name in set(from_file) - explicit:
+            merged[name] = coerce(merged[name], hints[name], name, str(config_file))
+        explicit |= set(from_file)
+    if merged["resume"] and merged["save_dir"] is not None:
+        # `--resume` continues the run as it was: its saved options (batch size, rate,
+        # threads, limits ...) are the defaults, and only what is given again overrides
+        # them ("--max-steps 40" raises the limit). The SIGINT handler prints exactly
+        # `rnmt train DATA --save-dir D --resume`, which must not fall back to defaults.
+        from rnmt.training import saved_run_options
+
+        path, saved = saved_run_options(Path(merged["save_dir"]))
+        for name, value in saved.items():
+            if name in explicit or name not in hints or name in ("resume", "overwrite",
+                                                                  "save_dir", "config"):
+                continue
+            if value is None and type(None) not in typing.get_args(hints[name]):
+                continue  # threads=None is the run's "torch's default": keep the option's 0
+            merged[name] = coerce(value, hints[name], name, str(path))
     return merged
 
 
@@ -161,7 +178,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda. Under torchrun each process takes cuda:LOCAL_RANK.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16: autocast of the forward pass (matrix products in 16 bits; weights, optimizer, loss and checkpoints stay fp32). fp16 needs CUDA and scales the loss; bf16 on a CPU pays only with AMX/AVX512-BF16.")] = "fp32",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue exactly from SAVE_DIR/last.pt (model, optimizer, schedule, RNG, batch position).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue exactly from SAVE_DIR/last.pt (model, optimizer, schedule, RNG, batch position) with the run's saved options; options given again override them (e.g. a higher --max-steps).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start a new run in a SAVE_DIR that holds another run's checkpoints, deleting them (without it, such a SAVE_DIR is refused).")] = False,
 ) -> None:
     """Train an encoder-decoder or a language model on a preprocessed corpus."""
     values = dict(locals())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,12 +46,18 @@ def translate(
     """Translate stdin to stdout, one line in, one line out."""
     import torch
 
+    from rnmt.errors import DataError
     from rnmt.search import SearchConfig
-    from rnmt.text import LineReader
-    from rnmt.translator import OUTPUT_FORMATS, Translator, format_translations
+    from rnmt.text import LineReader, read_error
+    from rnmt.translator import OUTPUT_FORMATS, Translator
 
+    if threads < 0:
+        raise DataError("--threads must not be negative (0 = torch's default)")
     if threads:
         torch.set_num_threads(threads)
+    if (input is None and sys.stdin is None) or (output is None and sys.stdout is None):
+        # `rnmt translate <&-`: Python gives a closed standard stream as None
+        raise DataError("stdin or stdout is closed; give --input/--output files")
     if output_format not in OUTPUT_FORMATS:
         raise typer.BadParameter(f"choose from {', '.join(OUTPUT_FORMATS)}",
                                  param_hint="--output-format")
@@ -67,6 +76,9 @@ def translate(
         sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         attention=alignment or output_format == "json" or attention_plot is not None,
     )
+    if input is not None and output is not None and _same_file(input, output):
+        # checked before -o is opened: opening it for writing would empty the input
+        raise DataError(f"{input}: input and output are the same file")
     source = sys.stdin.buffer if input is None else _open(input, "rb")
     if interactive or (input is None and sys.stdin.isatty()):
         buffer_size = 1
@@ -76,9 +88,42 @@ def translate(
     for warning in translator.warnings:
         print(f"rnmt: warning: {warning}", file=sys.stderr)
     reader = LineReader(source, "<stdin>" if input is None else str(input), errors)
+    name = "<stdin>" if input is None else input
     sink = sys.stdout if output is None else _open(output, "w")
+    try:
+        _write_translations(translator.translate_chunks(_read(reader, name, read_error)), sink,
+                            output_format, nbest, alignment, attention_plot)
+    except OSError as err:  # ENOSPC (`> /dev/full`), EIO, a quota: the output is incomplete
+        if isinstance(err, BrokenPipeError):
+            raise  # the reader left: main.guarded exits quietly with 0
+        if sink is sys.stdout:
+            # what is still buffered would fail again when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        where = "output" if output is None else output
+        raise DataError(f"cannot write {where}: {err.strerror or err}") from None
+    if sink is not sys.stdout:
+        sink.close()
+    if reader.invalid_lines:
+        print(f"rnmt: warning: {reader.invalid_lines} input lines had invalid UTF-8, "
+              "replaced by U+FFFD", file=sys.stderr)
+
+
+def _read(reader: Iterable[str], name, read_error) -> Iterator[str]:
+    """The reader's lines; a file that fails midway (a truncated or foreign .gz, a disk
+    error) is one DataError naming it, not an OSError that would pass for a write error."""
+    try:
+        yield from reader
+    except (EOFError, OSError, zlib.error) as err:
+        raise read_error(Path(str(name)), err) from None
+
+
+def _write_translations(chunks, sink, output_format: str, nbest: int, alignment: bool,
+                        attention_plot: Optional[Path]) -> None:
+    """Each chunk's translations to `sink`, flushed a chunk at a time."""
+    from rnmt.translator import format_translations
+
     index = 0
-    for chunk in translator.translate_chunks(reader):
+    for chunk in chunks:
         for translations in chunk:
             for line in format_translations(index, translations, output_format,
                                             nbest=nbest > 1, alignment=alignment):
@@ -91,17 +136,26 @@ def translate(
                                best.pieces + ["</s>"], best.attention)
             index += 1
         sink.flush()  # a chunk at a time: output starts before the input ends
-    if sink is not sys.stdout:
-        sink.close()
-    if reader.invalid_lines:
-        print(f"rnmt: warning: {reader.invalid_lines} input lines had invalid UTF-8, "
-              "replaced by U+FFFD", file=sys.stderr)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and `..` included); False if one is missing."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _open(path: Path, mode: str):
+    import gzip
+
     from rnmt.errors import DataError
 
     try:
+        if path.suffix == ".gz" and "r" in mode:
+            # "plain or .gz" as everywhere (rnmt.text): gzip's reader streams line by line;
+            # a truncated or foreign file fails on reading, where _read reports it.
+            return gzip.open(path, "rb")
         return open(path, mode, encoding=None if "b" in mode else "utf-8")
     except OSError as err:
         raise DataError(f"{path}: cannot open ({err.strerror or err})") from None

@@ -13,7 +13,8 @@ start=$(date +%s)
 "$python" "$here/make_demo.py" --out "$work/corpus"
 "$rnmt" preprocess -s en -t de --train "$work/corpus/train" --valid "$work/corpus/valid" \
     --test "$work/corpus/test" --out "$work/bin" --vocab-size 1000
-"$rnmt" train "$work/bin" --save-dir "$work/model" --emb-dim 128 --hidden-dim 128 \
+# --overwrite: running the demo again retrains from scratch into the same folder
+"$rnmt" train "$work/bin" --save-dir "$work/model" --overwrite --emb-dim 128 --hidden-dim 128 \
     --dec-hidden-dim 256 --attn-dim 128 --output-dim 256 --dropout 0.1 \
     --max-tokens 1500 --lr 0.003 --max-epochs 7 --max-time 3 --threads 2 --log-every 100
 "$rnmt" translate -m "$work/model/best.pt" --beam 5 --threads 2 \

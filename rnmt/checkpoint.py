@@ -117,6 +117,29 @@ def latest_checkpoints(directory: str | Path, n: int) -> list[Path]:
     return [by_step[s] for s in sorted(by_step)[-n:]]
 
 
+def check_average_output(paths: list[Path], output: Path) -> None:
+    """Refuse an `average` output that would destroy work: one of the checkpoints being
+    averaged, or a run's resumable checkpoint (its `last.pt`: the average holds no training
+    state, so `--resume` could not continue). A CheckpointError before anything is written."""
+    output = Path(output)
+    if not output.exists():
+        return
+    for path in paths:
+        try:
+            if output.samefile(path):
+                raise CheckpointError(f"{output}: is one of the checkpoints being averaged; "
+                                      "write the average to another file")
+        except OSError:
+            continue  # a missing input: averaging reports it, naming the file
+    try:
+        resumable = "training" in load_checkpoint(output, mmap=True)
+    except CheckpointError:
+        return  # not a checkpoint of ours: nothing resumable is lost
+    if resumable:
+        raise CheckpointError(f"{output}: holds a run's training state (--resume continues "
+                              "from it); write the average to another file")
+
+
 def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
     """θ_avg = (1/N) Σ_i θ_i over the float parameters of N checkpoints of one model
     (fairseq's average_checkpoints); the result is an ordinary checkpoint payload without

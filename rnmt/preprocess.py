@@ -76,6 +76,12 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     over each split, chunk by chunk, so a corpus larger than memory can be preprocessed.
     """
     c = config
+    # Checked before the (long) passes over the text; each was a traceback (sentencepiece's
+    # RuntimeError, FileExistsError from mkdir) after them.
+    if c.vocab_size < 1 or c.max_len < 1 or c.threads < 1:
+        raise DataError("--vocab-size, --max-len and --threads must be at least 1")
+    if Path(c.out).exists() and not Path(c.out).is_dir():
+        raise DataError(f"--out {c.out}: exists and is not a directory")
     if c.model_type not in ("unigram", "bpe"):
         raise DataError(f"unknown --model-type {c.model_type!r}; choose unigram or bpe")
     if c.mono:
@@ -92,8 +98,11 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         if n_src != n_tgt:
             raise DataError(f"parallel files differ in length: {src.path} has {n_src} lines, "
                             f"{tgt.path} has {n_tgt}")
-        if name == "train" and n_src == 0:
-            raise DataError(f"{src.path}: training data is empty")
+        if name != "test" and n_src == 0:
+            # an empty valid split gave loss 0 and ppl 1 at every validation: best.pt
+            # and early stopping chosen on nothing
+            raise DataError(f"{src.path}: {'training' if name == 'train' else 'validation'} "
+                            "data is empty")
         texts[name] = (src, tgt)
 
     src_vocab, tgt_vocab, spm_files = _vocabularies(c, *texts["train"])
@@ -143,6 +152,8 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
             texts[name].count()
     if texts["train"].lines == 0:
         raise DataError(f"{texts['train'].path}: training data is empty")
+    if "valid" in texts and texts["valid"].lines == 0:
+        raise DataError(f"{texts['valid'].path}: validation data is empty")
 
     train = texts["train"]
     if c.spm_model is not None:
@@ -285,8 +296,12 @@ def load_meta(directory: Path) -> dict:
     path = Path(directory) / META
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # NotADirectoryError: DATA is a file (a text corpus given instead of the output of
+        # rnmt preprocess), which is the same mistake as a directory without meta.json.
         raise DataError(f"{directory}: not a preprocessed corpus (no {META}; run rnmt preprocess)") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path}: corrupt meta file") from None
     if meta.get("format") != "rnmt-data":

@@ -20,6 +20,7 @@ raw score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,12 @@ class SearchConfig:
     attention: bool = False
 
     def __post_init__(self) -> None:
+        # nan passes every comparison below and inf makes scores nan: either one gave
+        # empty output lines in silence, so a non-finite number is refused first.
+        for name in ("length_penalty", "max_len_a", "unk_penalty", "temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, "
+                                  f"not {getattr(self, name)}")
         if self.beam < 1:
             raise ConfigError("--beam must be at least 1")
         if self.nbest < 1:
@@ -86,9 +93,11 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 def _max_lengths(src_lengths: Tensor, config: SearchConfig) -> Tensor:
-    """Per sentence, the most target pieces (</s> included), at least 1."""
-    limit = (config.max_len_a * src_lengths.float() + config.max_len_b).long()
-    return limit.clamp(min=1)
+    """Per sentence, the most target pieces (</s> included): at least 2, so that one piece
+    always fits before </s> (a limit of 1 allows only </s>: an empty line whatever the
+    input); clamped as floats, as a huge `max_len_a` overflows an int64 into a negative."""
+    limit = config.max_len_a * src_lengths.double() + config.max_len_b
+    return limit.clamp(min=2, max=2**31 - 1).long()
 
 
 def _ban_repeated_ngrams(log_probs: Tensor, tokens: Tensor, n: int) -> None:

@@ -49,6 +49,7 @@ import contextlib
 import json
 import math
 import re
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,9 +119,15 @@ class TrainConfig:
     precision: str = "fp32"
     threads: int | None = None
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the checkpoints of one in save_dir
 
     def __post_init__(self) -> None:
         self.save_dir = Path(self.save_dir)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --save-dir and --overwrite "
+                              "deletes it: give one of them")
+        if self.threads is not None and self.threads < 0:
+            raise ConfigError("--threads must not be negative (0 = torch's default)")
         for name in ("best_metric", "early_stop_metric"):
             value = getattr(self, name)
             if value is not None and value not in METRICS:
@@ -155,6 +162,58 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+# What a run writes into its save directory: `--overwrite` removes these before a new run
+# starts there, so that no file of the old run (a step checkpoint that --keep-last would
+# then count as newer, a metrics line) passes for one of the new run.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "training.png")
+STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt")
+
+
+def run_checkpoints(save_dir: Path) -> list[Path]:
+    """The checkpoints of an earlier run in `save_dir` (none if it is not a directory)."""
+    if not save_dir.is_dir():
+        return []
+    return sorted(p for p in save_dir.iterdir()
+                  if p.name in ("last.pt", "best.pt") or STEP_CHECKPOINT.fullmatch(p.name))
+
+
+def check_save_dir(config: TrainConfig) -> None:
+    """A new run never silently replaces another's checkpoints (fairseq and OpenNMT-py do
+    not either): an existing run must be continued with --resume or, explicitly, replaced
+    with --overwrite. A save directory that is a file is refused here, before any work."""
+    save_dir = config.save_dir
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ConfigError(f"--save-dir {save_dir}: exists and is not a directory")
+    if config.resume or config.overwrite:
+        return
+    found = run_checkpoints(save_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ConfigError(
+            f"--save-dir {save_dir} already holds a run's checkpoints ({names}); continue "
+            "it with --resume, start over with --overwrite (deletes them), or choose "
+            "another --save-dir")
+
+
+def saved_run_options(save_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The resolved options of the run whose `last.pt` is in `save_dir` (what `--resume`
+    continues), and the file they were read from. Missing or damaged: CheckpointError."""
+    path = save_dir / "last.pt"
+    if not path.exists():
+        raise CheckpointError(f"--resume: {path} does not exist")
+    options = load_checkpoint(path, mmap=True).get("train_config")  # no tensor is read
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{path}: holds no training options to resume with")
+    return path, options
+
+
+def clear_run(save_dir: Path) -> None:
+    """Delete the files of an earlier run in `save_dir` (--overwrite), nothing else."""
+    for path in run_checkpoints(save_dir) + [save_dir / name for name in RUN_FILES]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(save_dir / "tensorboard", ignore_errors=True)
 
 
 class TrainingInterrupted(Exception):
@@ -280,9 +339,10 @@ def translate_split(model: Model, data: ParallelData, tgt_vocab: Vocabulary,
 class MetricsLog:
     """JSON lines in `save_dir/metrics.jsonl`; TensorBoard events too when installed."""
 
-    def __init__(self, save_dir: Path) -> None:
+    def __init__(self, save_dir: Path, append: bool = True) -> None:
+        """`append`: a resumed run adds to its log; a new run starts the file afresh."""
         self.path = save_dir / "metrics.jsonl"
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -339,6 +399,7 @@ class Trainer:
     def __init__(self, data_dir: Path, model_config: dict[str, Any], config: TrainConfig,
                  reporter: Reporter | None = None, dist: Distributed | None = None) -> None:
         self.config = config
+        check_save_dir(config)  # before any data is read: the cheapest mistake to report
         self.data_dir = Path(data_dir)
         self.dist = dist or Distributed(device=resolve_device(config.device))
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
@@ -422,8 +483,13 @@ class Trainer:
             )
 
     def resolved_config(self) -> dict[str, Any]:
-        """Every option of this run, flat, under its `rnmt train` name."""
-        return {"data": str(self.data_dir), **self.model_options, **self.config.to_dict()}
+        """Every option of this run, flat, under its `rnmt train` name. Not --resume and
+        --overwrite: they say what one command does to the save directory, and config.json
+        read back with --config must never delete or continue a run by itself."""
+        options = {"data": str(self.data_dir), **self.model_options, **self.config.to_dict()}
+        for action in ("resume", "overwrite"):
+            options.pop(action)
+        return options
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -734,10 +800,16 @@ class Trainer:
         c = self.config
         main = self.dist.is_main
         if main:
-            c.save_dir.mkdir(parents=True, exist_ok=True)
-            (c.save_dir / "config.json").write_text(
-                json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
-            self.metrics = MetricsLog(c.save_dir)
+            try:
+                if c.overwrite:
+                    clear_run(c.save_dir)
+                c.save_dir.mkdir(parents=True, exist_ok=True)
+                (c.save_dir / "config.json").write_text(
+                    json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
+                self.metrics = MetricsLog(c.save_dir, append=c.resume)
+            except OSError as err:  # read-only, no permission, a file in the way, full disk
+                raise ConfigError(f"--save-dir {c.save_dir}: cannot write "
+                                  f"({err.strerror or err})") from None
         n_params = sum(p.numel() for p in self.model.parameters())
         per_epoch = len(self.sampler.batches(self.state.epoch)) // self.dist.world_size
         self.reporter.start({

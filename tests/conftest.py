@@ -63,6 +63,18 @@ def run_rnmt(*args: str, stdin: str | bytes | None = None, check: bool = False,
     return result
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """The CLI refused as promised: exit 2, one `rnmt: error:` line naming each needle, no
+    traceback."""
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rnmt: error:"), err
+    for needle in needles:
+        assert needle in lines[0], err
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

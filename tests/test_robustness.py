@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import RNMT, ROOT, TINY_MODEL, load_benchmark, run_rnmt
+from conftest import assert_one_line_error, RNMT, ROOT, TINY_MODEL, load_benchmark, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 
 NASTY_LINES = [
@@ -24,16 +24,6 @@ NASTY_LINES = [
     "seven hundred five\r",  # a \r\n ending
     "\ufeffthree",  # a stray BOM inside the text
 ]
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    err = result.stderr.decode()
-    assert result.returncode == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rnmt: error:"), err
-    for needle in needles:
-        assert needle in lines[0], err
 
 
 def test_translate_keeps_line_count_on_nasty_lines(trained_checkpoint):
@@ -71,7 +61,7 @@ def test_preprocess_reports_bad_files_in_one_line(tmp_path, case):
         target = "c.de"
     result = run_rnmt("preprocess", "-s", "en", "-t", "de", "--train", str(tmp_path / "c"),
                       "--out", str(tmp_path / "bin"))
-    _assert_one_line_error(result, target)
+    assert_one_line_error(result, target)
 
 
 def test_preprocess_strict_utf8_names_the_line(tmp_path):
@@ -79,7 +69,7 @@ def test_preprocess_strict_utf8_names_the_line(tmp_path):
     (tmp_path / "c.de").write_text("eins\nzwei\ndrei\n")
     result = run_rnmt("preprocess", "-s", "en", "-t", "de", "--train", str(tmp_path / "c"),
                       "--out", str(tmp_path / "bin"), "--errors", "strict")
-    _assert_one_line_error(result, "c.en", "line 3")
+    assert_one_line_error(result, "c.en", "line 3")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not-a-checkpoint", "foreign-torch-file"])
@@ -95,7 +85,7 @@ def test_translate_refuses_damaged_checkpoints(trained_checkpoint, tmp_path, dam
 
         torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
     result = run_rnmt("translate", "-m", str(path), stdin="nine\n")
-    _assert_one_line_error(result, "model.pt")
+    assert_one_line_error(result, "model.pt")
 
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path):
@@ -328,7 +318,7 @@ def test_a_language_model_given_a_source_to_score_is_a_clear_error(trained_check
     (tmp_path / "r").write_text("neun\n")
     result = run_rnmt("score", "-m", str(tmp_path / "lm.pt"), "--src", str(tmp_path / "s"),
                       "--ref", str(tmp_path / "r"), "--device", "cpu")
-    _assert_one_line_error(result, "lm.pt", "language model", "--src")
+    assert_one_line_error(result, "lm.pt", "language model", "--src")
     assert result.stdout == b""  # no p(y) numbers passed off as p(y | x)
 
 

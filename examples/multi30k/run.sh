@@ -25,11 +25,13 @@ mkdir -p "$out"
 # MEMBERS=N trains N models side by side (seeds 1..N; member 1 in run/, member k in runK/)
 # and translates with their ensemble, as one would on a GPU with room for several runs.
 members="${MEMBERS:-1}"; runs=(); pids=()
+# A run of this recipe is continued (RESUME=1) or trained anew over the earlier one.
+again=--overwrite; [ -z "${RESUME:-}" ] || again=--resume
 for k in $(seq 1 "$members"); do
     run="$out/run"; [ "$k" = 1 ] || run="$out/run$k"; runs+=("$run")
     log="$out/train.log"; [ "$k" = 1 ] || log="$out/train$k.log"
     "$rnmt" train "$out/bin" --save-dir "$run" --config "$here/$config.toml" --seed "$k" \
-        --max-time "$minutes" --device "$device" ${RESUME:+--resume} 2> >(tee "$log" >&2) &
+        --max-time "$minutes" --device "$device" "$again" 2> >(tee "$log" >&2) &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done

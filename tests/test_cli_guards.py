@@ -1,0 +1,164 @@
+"""Commands that would lose work or mislead in silence: each refuses in one line (exit 2),
+or does what the documentation promises. Driven as a user drives them: subprocesses."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, TINY_MODEL, run_rnmt
+from rnmt.checkpoint import load_checkpoint
+
+SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
+
+
+def _train(bin_dir, save_dir, *extra: str) -> subprocess.CompletedProcess:
+    return run_rnmt("train", str(bin_dir), "--save-dir", str(save_dir), "--device", "cpu",
+                    "--threads", "1", "--no-plot", *SIZES, *extra)
+
+
+# --- train: a save directory of another run ------------------------------------------
+
+
+def test_a_new_run_never_overwrites_the_checkpoints_of_another(bin_dir, tmp_path):
+    _train(bin_dir, tmp_path, "--max-steps", "3", "--max-tokens", "800")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    result = _train(bin_dir, tmp_path, "--max-steps", "3", "--max-tokens", "800")
+    assert_one_line_error(result, "--resume", "--overwrite", str(tmp_path))
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # not a byte of the old run changed, metrics.jsonl included
+
+
+def test_overwrite_starts_a_new_run_over_the_old_one(bin_dir, tmp_path):
+    _train(bin_dir, tmp_path, "--max-steps", "4", "--max-tokens", "800", "--log-every", "1",
+           "--save-every", "2", "--keep-last", "5")
+    assert (tmp_path / "checkpoint_4.pt").exists()
+    result = _train(bin_dir, tmp_path, "--max-steps", "2", "--max-tokens", "800",
+                    "--log-every", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]  # no old lines
+    assert not list(tmp_path.glob("checkpoint_*.pt"))  # the old run's are gone
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert "overwrite" not in json.loads((tmp_path / "config.json").read_text())
+
+
+# --- train --resume: the run continues with its own options ----------------------------
+
+
+def test_resume_with_only_a_new_limit_continues_with_the_runs_options(bin_dir, tmp_path):
+    # what the Ctrl-C handler prints: `rnmt train DATA --save-dir D --resume`, plus a limit
+    options = ["--max-tokens", "600", "--lr", "0.004", "--optimizer", "adamw"]
+    straight = _train(bin_dir, tmp_path / "a", "--max-steps", "40", *options)
+    assert straight.returncode == 0, straight.stderr.decode()
+    first = _train(bin_dir, tmp_path / "b", "--max-steps", "20", *options)
+    assert first.returncode == 0, first.stderr.decode()
+    resumed = run_rnmt("train", str(bin_dir), "--save-dir", str(tmp_path / "b"), "--resume",
+                       "--max-steps", "40")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (config["max_tokens"], config["lr"], config["optimizer"]) == (600, 0.004, "adamw")
+    assert config["threads"] == 1 and config["max_steps"] == 40
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert b["step"] == 40
+    for name, p in a["model"].items():
+        assert torch.equal(p, b["model"][name]), name
+
+
+# --- translate: files -------------------------------------------------------------------
+
+
+def test_translate_reads_a_gzip_input_file(trained_checkpoint, tmp_path):
+    (tmp_path / "in.txt.gz").write_bytes(gzip.compress(b"one\ntwo hundred\n"))
+    (tmp_path / "in.txt").write_text("one\ntwo hundred\n")
+    plain = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", "2", "--threads",
+                     "1", "-i", str(tmp_path / "in.txt"), check=True)
+    packed = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", "2", "--threads",
+                      "1", "-i", str(tmp_path / "in.txt.gz"), check=True)
+    assert packed.stdout == plain.stdout and len(plain.stdout.splitlines()) == 2
+    assert b"warning" not in packed.stderr  # compressed bytes read as text: invalid UTF-8
+
+
+def test_translate_refuses_to_write_over_its_input(trained_checkpoint, tmp_path):
+    text = tmp_path / "in.txt"
+    text.write_text("one\ntwo hundred\n")
+    alias = tmp_path / "sub" / ".." / "in.txt"
+    (tmp_path / "sub").mkdir()
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "-i", str(text),
+                      "-o", str(alias))
+    assert_one_line_error(result, "same file")
+    assert text.read_text() == "one\ntwo hundred\n"
+
+
+def test_translate_to_a_full_disk_is_one_line_error(trained_checkpoint):
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            __import__("conftest").RNMT + ["translate", "-m", str(trained_checkpoint),
+                                           "--threads", "1"],
+            input=b"one\ntwo\n", stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert_one_line_error(result, "cannot write output: No space left on device")
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--threads", "-1"], "--threads"),
+    (["--unk-penalty", "nan"], "--unk-penalty"),
+    (["--max-len-a", "nan"], "--max-len-a"),
+    (["--sample", "--temperature", "inf"], "--temperature"),
+])
+def test_translate_refuses_impossible_options(trained_checkpoint, options, needle):
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), *options, stdin="one\n")
+    assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize("options", [["--max-len-b", "-50"], ["--max-len-a", "1e30"]])
+def test_an_extreme_length_limit_still_allows_one_piece(trained_checkpoint, options):
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "--threads", "1",
+                      "--output-format", "json", *options, stdin="one\ntwo hundred\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert all(json.loads(line)["pieces"] for line in result.stdout.splitlines())
+
+
+# --- average -----------------------------------------------------------------------------
+
+
+def test_average_never_writes_over_its_inputs_or_the_runs_last_checkpoint(bin_dir, tmp_path):
+    _train(bin_dir, tmp_path, "--max-steps", "4", "--max-tokens", "800", "--save-every", "2",
+           "--keep-last", "2")
+    last = (tmp_path / "last.pt").read_bytes()
+    for args in (["-o", str(tmp_path / "last.pt"), "--last", "2", "--save-dir", str(tmp_path)],
+                 [str(tmp_path / "checkpoint_2.pt"), str(tmp_path / "checkpoint_4.pt"),
+                  "-o", str(tmp_path / "checkpoint_2.pt")]):
+        assert_one_line_error(run_rnmt("average", *args), "another file")
+    assert (tmp_path / "last.pt").read_bytes() == last
+    assert_one_line_error(run_rnmt("average", "--last", "-2", "--save-dir", str(tmp_path),
+                                    "-o", str(tmp_path / "avg.pt")), "--last -2")
+
+
+# --- bad paths and numbers for train and preprocess ---------------------------------------
+
+
+def test_train_refuses_bad_paths_and_threads_in_one_line(bin_dir, corpus_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert_one_line_error(run_rnmt("train", str(corpus_dir / "train.en"), "--save-dir",
+                                    str(tmp_path / "d")), "not a preprocessed corpus")
+    assert_one_line_error(run_rnmt("train", str(bin_dir), "--save-dir",
+                                    str(tmp_path / "a-file")), "not a directory")
+    assert_one_line_error(run_rnmt("train", str(bin_dir), "--save-dir", str(tmp_path / "t"),
+                                    "--threads", "-1"), "--threads")
+
+
+def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp_path):
+    (tmp_path / "v.en").write_text("")
+    (tmp_path / "v.de").write_text("")
+    (tmp_path / "a-file").write_text("")
+    base = ["preprocess", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train")]
+    assert_one_line_error(run_rnmt(*base, "--valid", str(tmp_path / "v"), "--out",
+                                    str(tmp_path / "b")), "v.en: validation data is empty")
+    assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "a-file")), "not a directory")
+    assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), "--vocab-size", "0"),
+                           "--vocab-size")
