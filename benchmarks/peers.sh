@@ -12,6 +12,8 @@
 #   with the checkpoints an earlier run of the same SECONDS left (translation rows re-measured
 #   after a change to search; the training rows stay those of that earlier run).
 #   TRANSLATE_RUNS=N (default 3): rounds of translation, each toolkit and variant in turn.
+#   PEER_TOOLKITS="onmt" (default "joey onmt"): the peers to run beside rnmt; leaving Joey
+#   NMT out saves ~20 minutes (its training and translations).
 # Needs the peers set up once: PEERS (default ~/.cache/rnmt-peers) holding joey/, onmt/,
 # tools/ and data/ (../shared/bench/setup-peers.sh, then prep_data.py). Run nothing else
 # heavy meanwhile: the toolkits run one at a time on 2 threads each.
@@ -59,6 +61,11 @@ fi
 log "budget ${budget}s per toolkit, out $out, $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 
 # --- configuration of a short test run --------------------------------------------------
+toolkits="${PEER_TOOLKITS:-joey onmt}"
+declare -A names=([joey]="Joey NMT" [onmt]="OpenNMT-py")
+for tk in $toolkits; do
+    [ -n "${names[$tk]:-}" ] || { echo "peers.sh: unknown toolkit $tk in PEER_TOOLKITS" >&2; exit 2; }
+done
 log_every=50; joey_cfg=""; onmt_cfg=""
 if [ "$budget" -lt 300 ]; then
     log_every=10
@@ -71,10 +78,11 @@ fi
 # --- training, one toolkit at a time ----------------------------------------------------
 r="$out/rnmt"
 if [ "$translate_only" != 1 ]; then
-    log "train Joey NMT"
-    "$bench/run-train.sh" joey "$budget" peers-joey $joey_cfg >> "$out/run.log" 2>&1
-    log "train OpenNMT-py"
-    "$bench/run-train.sh" onmt "$budget" peers-onmt $onmt_cfg >> "$out/run.log" 2>&1
+    for tk in $toolkits; do
+        log "train ${names[$tk]}"
+        cfg="${tk}_cfg"
+        "$bench/run-train.sh" $tk "$budget" peers-$tk ${!cfg} >> "$out/run.log" 2>&1
+    done
 
     rm -rf "$r"; mkdir -p "$r"
     log "rnmt preprocess"
@@ -96,7 +104,8 @@ fi
 help=$(COLUMNS=200 "${rnmt[@]}" translate --help 2>&1)
 options=()
 for v in "greedy 1" "beam5 5" "beam5-int8 5 --quantize int8" "beam5-bf16 5 --precision bf16" \
-         "beam5-w2 5 --workers 2" "beam5-int8-w2 5 --workers 2 --quantize int8"; do
+         "beam5-w2 5 --workers 2" "beam5-int8-w2 5 --workers 2 --quantize int8" \
+         "beam5-bf16-w2 5 --workers 2 --precision bf16"; do
     set -- $v
     if [ $# -gt 2 ] && ! grep -q -- "$3" <<< "$help"; then
         log "skip rnmt $1: rnmt translate has no $3"; continue
@@ -111,7 +120,7 @@ runs="${TRANSLATE_RUNS:-3}"
 rm -rf "$out/translate_runs"; mkdir -p "$out/translate_runs"
 rm -f "$r"/translate_*/time*.txt "$r"/translate_speed*
 for run in $(seq 1 "$runs"); do
-    for tk in joey onmt; do
+    for tk in $toolkits; do
         for beam in 1 5; do
             log "translate $tk beam $beam (round $run/$runs)"
             "$bench/run-translate.sh" $tk $beam peers-$tk >> "$out/run.log" 2>&1
@@ -139,9 +148,15 @@ for run in $(seq 1 "$runs"); do
 done
 
 # --- the table ---------------------------------------------------------------------------
-python3 "$bench/collect.py" RUN_joey=peers-joey RUN_onmt=peers-onmt > "$out/collect.txt" 2>&1 \
+collect_runs=()  # a peer left out is read from a run folder that is not there
+for tk in joey onmt; do
+    if [[ " $toolkits " == *" $tk "* ]]; then collect_runs+=("RUN_$tk=peers-$tk")
+    else collect_runs+=("RUN_$tk=not-run"); fi
+done
+python3 "$bench/collect.py" "${collect_runs[@]}" > "$out/collect.txt" 2>&1 \
     || log "collect.py failed: $(tail -1 "$out/collect.txt")"
 command="benchmarks/peers.sh $budget"
+[ "$toolkits" != "joey onmt" ] && command="PEER_TOOLKITS=\"$toolkits\" $command"
 [ "$translate_only" = 1 ] && command="$command (training), then TRANSLATE_ONLY=1 $command (translation)"
 "$py" "$root/benchmarks/peers_table.py" --out "$out" --budget "$budget" \
     --command "$command" | tee "$out/table.md"

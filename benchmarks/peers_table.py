@@ -35,7 +35,8 @@ NAMES = {"joey": "Joey NMT 2.3.0", "onmt": "OpenNMT-py 3.5.1", "rnmt": "rnmt"}
 VARIANTS = {"greedy": "greedy", "beam5": "beam 5", "beam5-int8": "beam 5, rnmt --quantize int8",
             "beam5-bf16": "beam 5, rnmt --precision bf16",
             "beam5-w2": "beam 5, rnmt --workers 2",
-            "beam5-int8-w2": "beam 5, rnmt --quantize int8 --workers 2"}
+            "beam5-int8-w2": "beam 5, rnmt --quantize int8 --workers 2",
+            "beam5-bf16-w2": "beam 5, rnmt --precision bf16 --workers 2"}
 PEER_BEAM = {"greedy": "b1", "beam5": "b5"}
 
 

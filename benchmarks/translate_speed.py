@@ -60,6 +60,7 @@ VARIANTS: dict[str, Variant] = {
     "greedy-w2": Variant(1, workers=2),
     "beam5-w2": Variant(5, workers=2),
     "beam5-int8-w2": Variant(5, quantize="int8", workers=2),
+    "beam5-bf16-w2": Variant(5, "bf16", workers=2),
     "greedy-unpacked": Variant(1, pack=False),
     "beam5-unpacked": Variant(5, pack=False),
 }
