@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, TINY_MODEL, run_rnmt
+from conftest import RNMT, TINY_MODEL, assert_one_line_error, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 
 SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
@@ -98,10 +99,17 @@ def test_translate_refuses_to_write_over_its_input(trained_checkpoint, tmp_path)
 def test_translate_to_a_full_disk_is_one_line_error(trained_checkpoint):
     with open("/dev/full", "wb") as full:
         result = subprocess.run(
-            __import__("conftest").RNMT + ["translate", "-m", str(trained_checkpoint),
-                                           "--threads", "1"],
+            RNMT + ["translate", "-m", str(trained_checkpoint), "--threads", "1"],
             input=b"one\ntwo\n", stdout=full, stderr=subprocess.PIPE, timeout=120)
     assert_one_line_error(result, "cannot write output: No space left on device")
+
+
+def test_translate_with_stdin_closed_is_one_line_error(trained_checkpoint):
+    # `rnmt translate <&-`: the child starts without a file descriptor 0 at all.
+    result = subprocess.run(
+        RNMT + ["translate", "-m", str(trained_checkpoint), "--threads", "1"],
+        capture_output=True, preexec_fn=lambda: os.close(0), timeout=120)
+    assert_one_line_error(result, "stdin or stdout is closed")
 
 
 @pytest.mark.parametrize("options, needle", [

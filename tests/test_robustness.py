@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import assert_one_line_error, RNMT, ROOT, TINY_MODEL, load_benchmark, run_rnmt
+from conftest import RNMT, ROOT, TINY_MODEL, assert_one_line_error, load_benchmark, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 
 NASTY_LINES = [
