@@ -113,6 +113,17 @@ class TokenArray:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
+    def id_range(self, chunk: int = 1 << 22) -> tuple[int, int]:
+        """(smallest, largest) id of all sentences, read a chunk at a time; (0, -1) if
+        there are none."""
+        begin, end = (int(self.offsets[0]), int(self.offsets[-1])) if len(self) else (0, 0)
+        lows, highs = [], []
+        for start in range(begin, end, chunk):
+            part = self.ids[slice(start, min(start + chunk, end))]
+            lows.append(int(part.min()))
+            highs.append(int(part.max()))
+        return (min(lows), max(highs)) if lows else (0, -1)
+
     @property
     def lengths(self) -> np.ndarray:
         """Sentence lengths, int32: 4 bytes per sentence, without an int64 copy on the way."""

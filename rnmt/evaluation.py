@@ -55,14 +55,25 @@ class MetricOptions:
         made: dict[str, Metric] = {}
         for key in self.metrics:
             if key == "bleu":
-                made[key] = BLEU(tokenize=self.tokenize, lowercase=self.lowercase,
-                                 references=references)
+                made[key] = self._bleu(references)
             elif key == "chrf":
                 made[key] = CHRF(word_order=self.chrf_word_order, lowercase=self.lowercase,
                                  references=references)
             else:
                 made[key] = TER(references=references)
         return made
+
+
+    def _bleu(self, references: Sequence[Sequence[str]] | None) -> BLEU:
+        """sacrebleu's BLEU; a tokenizer it cannot set up here (ja-mecab without its extra,
+        flores101 without the network for its model) is a ConfigError naming the option."""
+        try:
+            return BLEU(tokenize=self.tokenize, lowercase=self.lowercase, references=references)
+        except (RuntimeError, OSError, ImportError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = lines[-1] if lines else type(err).__name__
+            raise ConfigError(f"--tokenize {self.tokenize}: sacrebleu cannot use it here "
+                              f"({reason})") from None
 
 
 @dataclass

@@ -304,9 +304,25 @@ def load_meta(directory: Path) -> dict:
         raise DataError(f"{path}: permission denied") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path}: corrupt meta file") from None
-    if meta.get("format") != "rnmt-data":
+    if not isinstance(meta, dict) or meta.get("format") != "rnmt-data":
         raise DataError(f"{path}: not an rnmt data description")
     return meta
+
+
+def check_ids(directory: Path, split: str, data: ParallelData, src_vocab: Vocabulary,
+              tgt_vocab: Vocabulary, meta: dict) -> None:
+    """Every id of a split within its side's vocabulary, checked before training starts: a
+    stray id (damaged data, or vocabulary files from another preprocess run) would
+    otherwise fail an embedding lookup mid-run. One pass over the ids on disk."""
+    sides = [(data.src, meta.get("src_lang", meta.get("lang")), src_vocab),
+             (data.tgt, meta.get("tgt_lang", meta.get("lang")), tgt_vocab)]
+    for array, lang, vocab in sides:
+        low, high = array.id_range()
+        if low < 0 or high >= len(vocab):
+            bad = low if low < 0 else high
+            raise DataError(f"{Path(directory) / f'{split}.{lang}.ids.npy'}: holds piece id "
+                            f"{bad}, outside its {len(vocab)}-piece vocabulary (damaged data, "
+                            "or vocabulary files of another preprocess run)")
 
 
 def load_vocabularies(directory: Path, meta: dict) -> tuple[Vocabulary, Vocabulary]:
@@ -317,9 +333,13 @@ def load_vocabularies(directory: Path, meta: dict) -> tuple[Vocabulary, Vocabula
         try:
             proto = (directory / meta["spm"][lang]).read_bytes()
             pieces = json.loads((directory / f"vocab.{lang}.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(f"{directory}: cannot read the {lang} vocabulary ({err})") from None
-        vocabs.append(Vocabulary(proto, pieces))
+        try:
+            vocabs.append(Vocabulary(proto, pieces))
+        except (RuntimeError, ValueError, TypeError, KeyError) as err:  # sentencepiece's own
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{directory}: corrupt {lang} vocabulary ({first_line})") from None
     if meta.get("joined_dictionary"):
         return vocabs[0], vocabs[0]
     return vocabs[0], vocabs[1]

@@ -68,7 +68,7 @@ from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer
 from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
-from rnmt.preprocess import load_data, load_vocabularies
+from rnmt.preprocess import check_ids, load_data, load_vocabularies
 from rnmt.search import SearchConfig, search
 from rnmt.translator import resolve_device
 from rnmt.vocab import EOS, PAD, Vocabulary
@@ -410,6 +410,8 @@ class Trainer:
         self.meta, self.train_data = load_data(data_dir, "train")
         _, self.valid_data = load_data(data_dir, "valid")
         self.src_vocab, self.tgt_vocab = load_vocabularies(data_dir, self.meta)
+        for split, data in (("train", self.train_data), ("valid", self.valid_data)):
+            check_ids(data_dir, split, data, self.src_vocab, self.tgt_vocab, self.meta)
         self.state = TrainState()
         self.last_path = config.save_dir / "last.pt"
         self.best_path = config.save_dir / "best.pt"

@@ -170,3 +170,51 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
     assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "a-file")), "not a directory")
     assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), "--vocab-size", "0"),
                            "--vocab-size")
+
+
+# --- train: a damaged data directory --------------------------------------------------
+
+
+def _damaged_copy(bin_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bin"
+    shutil.copytree(bin_dir, copy)
+    return copy
+
+
+def test_train_refuses_a_damaged_vocabulary_or_meta_file_in_one_line(bin_dir, tmp_path):
+    import json as json_module
+
+    broken = _damaged_copy(bin_dir, tmp_path)
+    meta = json_module.loads((broken / "meta.json").read_text())
+    spm = next(iter(meta["spm"].values()))
+    (broken / spm).write_text("x")  # not a sentencepiece model
+    assert_one_line_error(_train(broken, tmp_path / "run"), "vocabulary")
+    (broken / "meta.json").write_text("[]")  # JSON, but not a description
+    assert_one_line_error(_train(broken, tmp_path / "run"), "meta.json")
+
+
+def test_train_refuses_ids_beyond_the_vocabulary_before_the_first_update(bin_dir, tmp_path):
+    import json as json_module
+
+    import numpy as np
+
+    broken = _damaged_copy(bin_dir, tmp_path)
+    meta = json_module.loads((broken / "meta.json").read_text())
+    path = broken / f"train.{meta['tgt_lang']}.ids.npy"
+    ids = np.load(path)
+    ids[len(ids) // 2] = 10**6  # a stray id, as from vocab files of another preprocess run
+    np.save(path, ids)
+    result = _train(broken, tmp_path / "run", "--max-steps", "50")
+    assert_one_line_error(result, f"train.{meta['tgt_lang']}", "1000000")
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before any work
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("MeCab") is not None,
+                    reason="MeCab is installed here: ja-mecab works")
+def test_score_with_a_tokenizer_whose_extra_is_missing_is_one_line_error(tmp_path):
+    (tmp_path / "ref.txt").write_text("a b\n")
+    result = run_rnmt("score", "--ref", str(tmp_path / "ref.txt"), "--tokenize", "ja-mecab",
+                      stdin="a b\n")
+    assert_one_line_error(result, "--tokenize ja-mecab", "sacrebleu[ja]")
