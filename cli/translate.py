@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -48,7 +47,7 @@ def translate(
 
     from rnmt.errors import DataError
     from rnmt.search import SearchConfig
-    from rnmt.text import LineReader, read_error
+    from rnmt.text import LineReader, TextLines
     from rnmt.translator import OUTPUT_FORMATS, Translator
 
     if threads < 0:
@@ -79,7 +78,8 @@ def translate(
     if input is not None and output is not None and _same_file(input, output):
         # checked before -o is opened: opening it for writing would empty the input
         raise DataError(f"{input}: input and output are the same file")
-    source = sys.stdin.buffer if input is None else _open(input, "rb")
+    if input is not None:
+        _open(input, "rb").close()  # a missing or unreadable file fails before the model loads
     if interactive or (input is None and sys.stdin.isatty()):
         buffer_size = 1
     translator = Translator.load(model, config, device=device, batch_size=batch_size,
@@ -87,12 +87,15 @@ def translate(
                                  precision=precision, quantize=quantize, workers=workers)
     for warning in translator.warnings:
         print(f"rnmt: warning: {warning}", file=sys.stderr)
-    reader = LineReader(source, "<stdin>" if input is None else str(input), errors)
-    name = "<stdin>" if input is None else input
+    # A file, plain or .gz, streams through TextLines (which names the file when reading
+    # fails midway); stdin through a LineReader, its read errors named by _stdin_lines.
+    reader = (LineReader(sys.stdin.buffer, "<stdin>", errors) if input is None
+              else TextLines(input, errors))
+    lines = _stdin_lines(reader) if input is None else reader
     sink = sys.stdout if output is None else _open(output, "w")
     try:
-        _write_translations(translator.translate_chunks(_read(reader, name, read_error)), sink,
-                            output_format, nbest, alignment, attention_plot)
+        _write_translations(translator.translate_chunks(lines), sink, output_format, nbest,
+                            alignment, attention_plot)
     except OSError as err:  # ENOSPC (`> /dev/full`), EIO, a quota: the output is incomplete
         if isinstance(err, BrokenPipeError):
             raise  # the reader left: main.guarded exits quietly with 0
@@ -108,13 +111,15 @@ def translate(
               "replaced by U+FFFD", file=sys.stderr)
 
 
-def _read(reader: Iterable[str], name, read_error) -> Iterator[str]:
-    """The reader's lines; a file that fails midway (a truncated or foreign .gz, a disk
-    error) is one DataError naming it, not an OSError that would pass for a write error."""
+def _stdin_lines(reader: Iterable[str]) -> Iterator[str]:
+    """stdin's lines; a read error is a DataError naming stdin, not an OSError that the
+    writing loop would report as a write error."""
+    from rnmt.text import read_error
+
     try:
         yield from reader
-    except (EOFError, OSError, zlib.error) as err:
-        raise read_error(Path(str(name)), err) from None
+    except OSError as err:
+        raise read_error(Path("<stdin>"), err) from None
 
 
 def _write_translations(chunks, sink, output_format: str, nbest: int, alignment: bool,
@@ -147,15 +152,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _open(path: Path, mode: str):
-    import gzip
-
     from rnmt.errors import DataError
 
     try:
-        if path.suffix == ".gz" and "r" in mode:
-            # "plain or .gz" as everywhere (rnmt.text): gzip's reader streams line by line;
-            # a truncated or foreign file fails on reading, where _read reports it.
-            return gzip.open(path, "rb")
         return open(path, mode, encoding=None if "b" in mode else "utf-8")
     except OSError as err:
         raise DataError(f"{path}: cannot open ({err.strerror or err})") from None

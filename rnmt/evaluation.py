@@ -63,7 +63,6 @@ class MetricOptions:
                 made[key] = TER(references=references)
         return made
 
-
     def _bleu(self, references: Sequence[Sequence[str]] | None) -> BLEU:
         """sacrebleu's BLEU; a tokenizer it cannot set up here (ja-mecab without its extra,
         flores101 without the network for its model) is a ConfigError naming the option."""

@@ -314,8 +314,9 @@ def check_ids(directory: Path, split: str, data: ParallelData, src_vocab: Vocabu
     """Every id of a split within its side's vocabulary, checked before training starts: a
     stray id (damaged data, or vocabulary files from another preprocess run) would
     otherwise fail an embedding lookup mid-run. One pass over the ids on disk."""
-    sides = [(data.src, meta.get("src_lang", meta.get("lang")), src_vocab),
-             (data.tgt, meta.get("tgt_lang", meta.get("lang")), tgt_vocab)]
+    sides = [(data.src, meta["src_lang"], src_vocab)]
+    if data.tgt is not data.src:  # a monolingual split is one array twice: read it once
+        sides.append((data.tgt, meta["tgt_lang"], tgt_vocab))
     for array, lang, vocab in sides:
         low, high = array.id_range()
         if low < 0 or high >= len(vocab):

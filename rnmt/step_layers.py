@@ -175,6 +175,4 @@ def pack_for_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
     says no."""
     if not can_pack(model, dtype):
         return model
-    if dtype == torch.float32:
-        return swap_step_layers(model, OneDNNLinear)
     return swap_step_layers(model, functools.partial(OneDNNLinear, dtype=dtype))

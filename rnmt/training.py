@@ -575,9 +575,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         save_checkpoint(payload, self.config.save_dir / f"checkpoint_{self.state.step}.pt")
-        pattern = re.compile(r"checkpoint_(\d+)\.pt$")
         found = sorted((int(m.group(1)), p) for p in self.config.save_dir.iterdir()
-                       if (m := pattern.match(p.name)))
+                       if (m := STEP_CHECKPOINT.fullmatch(p.name)))
         for _, old in found[:-keep]:
             old.unlink(missing_ok=True)
 

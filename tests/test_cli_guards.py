@@ -4,10 +4,13 @@ or does what the documentation promises. Driven as a user drives them: subproces
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,18 +179,14 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
 
 
 def _damaged_copy(bin_dir, tmp_path):
-    import shutil
-
     copy = tmp_path / "bin"
     shutil.copytree(bin_dir, copy)
     return copy
 
 
 def test_train_refuses_a_damaged_vocabulary_or_meta_file_in_one_line(bin_dir, tmp_path):
-    import json as json_module
-
     broken = _damaged_copy(bin_dir, tmp_path)
-    meta = json_module.loads((broken / "meta.json").read_text())
+    meta = json.loads((broken / "meta.json").read_text())
     spm = next(iter(meta["spm"].values()))
     (broken / spm).write_text("x")  # not a sentencepiece model
     assert_one_line_error(_train(broken, tmp_path / "run"), "vocabulary")
@@ -196,12 +195,8 @@ def test_train_refuses_a_damaged_vocabulary_or_meta_file_in_one_line(bin_dir, tm
 
 
 def test_train_refuses_ids_beyond_the_vocabulary_before_the_first_update(bin_dir, tmp_path):
-    import json as json_module
-
-    import numpy as np
-
     broken = _damaged_copy(bin_dir, tmp_path)
-    meta = json_module.loads((broken / "meta.json").read_text())
+    meta = json.loads((broken / "meta.json").read_text())
     path = broken / f"train.{meta['tgt_lang']}.ids.npy"
     ids = np.load(path)
     ids[len(ids) // 2] = 10**6  # a stray id, as from vocab files of another preprocess run
@@ -211,7 +206,7 @@ def test_train_refuses_ids_beyond_the_vocabulary_before_the_first_update(bin_dir
     assert not (tmp_path / "run" / "last.pt").exists()  # refused before any work
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("MeCab") is not None,
+@pytest.mark.skipif(importlib.util.find_spec("MeCab") is not None,
                     reason="MeCab is installed here: ja-mecab works")
 def test_score_with_a_tokenizer_whose_extra_is_missing_is_one_line_error(tmp_path):
     (tmp_path / "ref.txt").write_text("a b\n")
