@@ -18,16 +18,34 @@ def check_precision_name(precision: str) -> None:
                           f"{', '.join(PRECISIONS)}")
 
 
-def cpu_fp32_training(x: torch.Tensor) -> bool:
-    """Whether x is fp32 on the CPU with autograd on and no autocast: where the CPU training
-    kernels (`rnmt.nn.rnn.Stepper`, `rnmt.nn.loss.VocabularyLoss`) run; elsewhere they step
-    aside for the plain ops (autocast would want its 16-bit products)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_grad_enabled():
-        return False
+def cpu_training_products(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the CPU training kernels (`rnmt.nn.rnn.Stepper`,
+    `rnmt.nn.loss.VocabularyLoss`, `rnmt.nn.attention.AttentionSteps`) multiply in for a
+    pass over x, or None where they step aside for the plain ops:
+
+    - fp32: x fp32 on the CPU, autograd on, no autocast (`--precision fp32`);
+    - bf16: the same under CPU autocast to bf16 (`--precision bf16`) on a CPU with bf16
+      matrix units: the kernels' matrix products take bf16 operands (fp32 accumulation),
+      everything else in them (gates, softmax, the loss, the recurrent state) stays fp32;
+    - None: a GPU, no autograd, fp16 autocast, bf16 emulated in software.
+    """
+    if x.device.type != "cpu" or not x.is_floating_point() or not torch.is_grad_enabled():
+        return None
+    autocast = _cpu_autocast_dtype()
+    if autocast is None:
+        return torch.float32 if x.dtype == torch.float32 else None
+    if autocast == torch.bfloat16 and cpu_has_bf16_units():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast casts to, None when it is off."""
     try:
-        return not torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return not torch.is_autocast_cpu_enabled()
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if on else None
 
 
 @functools.cache

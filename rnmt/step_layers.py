@@ -14,7 +14,7 @@ attention scores stay as they are. Two kinds of `linear`:
   (MKL), whose small-row products use one core. Beam 5 over Multi30k test_2016 with the
   reference model: 1.21× the unpacked speed (1.17–1.40× over five comparisons), greedy
   1.28×, BLEU unchanged (`benchmarks/translate_speed.py`, variants `-unpacked`). A torch
-  build without oneDNN keeps the model as it is (`onednn_available`).
+  build without oneDNN keeps the model as it is (`onednn_runs`).
   `pack_for_cpu(model, torch.bfloat16)` (`--precision bf16` on a CPU) makes the same
   layers multiply in bf16, on AMX where the CPU has it; everything around the products
   stays fp32.
@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from rnmt.nn.onednn import OneDNNLinear, onednn_available
+from rnmt.nn.onednn import OneDNNLinear, onednn_runs
 from rnmt.nn.rnn import RNN, State, step_stack
 
 # A linear layer from an fp32 weight (out_features, in_features) and an optional bias.
@@ -157,15 +157,11 @@ def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
 
 
 def can_pack(model: nn.Module, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `pack_for_cpu(model, dtype)` packs: an fp32 model on the CPU, a torch with
-    oneDNN switched on (`torch.backends.mkldnn.enabled`), and for bf16 its bf16 kernels."""
+    """Whether `pack_for_cpu(model, dtype)` packs: an fp32 model on the CPU, where oneDNN
+    runs products in `dtype` (`onednn_runs`)."""
     first = next(model.parameters(), None)
-    if (first is None or first.dtype != torch.float32 or first.device.type != "cpu"
-            or not torch.backends.mkldnn.enabled or not onednn_available()):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
+    return (first is not None and first.dtype == torch.float32
+            and first.device.type == "cpu" and onednn_runs(dtype))
 
 
 def pack_for_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

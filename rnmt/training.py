@@ -35,7 +35,9 @@ Mixed precision (`precision` bf16/fp16): the forward pass runs under `torch.auto
 (matrix products in 16 bits); parameters, gradients, the optimizer and checkpoints stay
 fp32, and the loss and log-softmax run in fp32 (`rnmt.nn.loss.smoothed_token_loss`
 casts). fp16 scales the loss (`GradScaler`): an update whose gradient overflows is skipped
-and the scale halved.
+and the scale halved. bf16 on a CPU with bf16 matrix units goes further than autocast: the
+CPU training kernels multiply in bf16 and keep the rest fp32
+(`rnmt.precision.cpu_training_products`).
 
 A language model (`arch="lm"`) trains the same way: its batches' `tgt_in = <s> y` and
 `tgt_out = y </s>` come from the one side of a monolingual corpus (`preprocess --mono`) or

@@ -137,3 +137,11 @@ def test_the_onednn_check_draws_nothing_from_the_global_generator():
     state = torch.get_rng_state()
     onednn_available.__wrapped__()  # uncached
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_onednn_check_is_not_fooled_by_autocast():
+    """Its first call can come under `--precision bf16`'s autocast, which would round the
+    fp32 reference product and report oneDNN as wrong for the rest of the process."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = onednn_available.__wrapped__()
+    assert under_autocast == onednn_available.__wrapped__()

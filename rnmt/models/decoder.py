@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from rnmt.models.encoder import EncoderOut
 from rnmt.nn.attention import Attention, AttentionSteps
 from rnmt.nn.dropout import Dropout
+from rnmt.nn.linear import Linear
 from rnmt.nn.rnn import RNN, State, Stepper
 
 
@@ -88,7 +89,7 @@ class AttentionDecoder(nn.Module):
         self.rnn = RNN(cell, rnn_input, hidden_dim, layers, False, dropout, cell_impl)
         self.attention = Attention(attention, hidden_dim, memory_dim, attn_dim)
         out_input = hidden_dim + memory_dim + (emb_dim if self.bahdanau else 0)
-        self.output = nn.Linear(out_input, output_dim, bias=True)
+        self.output = Linear(out_input, output_dim, bias=True)
         self.output_dim = output_dim
 
     def keys(self, memory: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from rnmt.models.config import ModelConfig
 from rnmt.models.decoder import AttentionDecoder, DecoderState, PlainDecoder
 from rnmt.models.encoder import Encoder, EncoderOut
+from rnmt.nn.linear import Linear
 from rnmt.nn.loss import vocabulary_loss
 from rnmt.nn.scratch import ScratchBuffer
 from rnmt.vocab import PAD
@@ -40,7 +41,7 @@ class Bridge(nn.Module):
         self.parts = 2 if cell == "lstm" else 1
         self.hidden_dim = hidden_dim
         self.maps = nn.ModuleList(
-            nn.Linear(final_dim, hidden_dim * self.parts) for _ in range(layers)
+            Linear(final_dim, hidden_dim * self.parts) for _ in range(layers)
         )
 
     def forward(self, final: list[Tensor]):
@@ -87,7 +88,7 @@ def output_layer(input_dim: int, embed: nn.Embedding, tie: bool) -> tuple[nn.Mod
     if not tie:
         return nn.Identity(), nn.Linear(input_dim, vocab)
     projection: nn.Module = (
-        nn.Identity() if input_dim == emb_dim else nn.Linear(input_dim, emb_dim, bias=False)
+        nn.Identity() if input_dim == emb_dim else Linear(input_dim, emb_dim, bias=False)
     )
     generator = nn.Linear(emb_dim, vocab)
     generator.weight = embed.weight

@@ -32,8 +32,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rnmt.nn.linear import Linear
 from rnmt.nn.scratch import ScratchBuffer
-from rnmt.precision import cpu_fp32_training
+from rnmt.precision import cpu_training_products
 
 SCORES = ("bahdanau", "dot", "general", "concat")
 # Elements of the additive score's (rows, src_len, attn) activation computed at once when
@@ -56,14 +57,14 @@ class Attention(nn.Module):
         self.score = score
         self.additive = score in ("bahdanau", "concat")
         if self.additive:
-            self.query_proj = nn.Linear(query_dim, attn_dim, bias=False)
-            self.key_proj = nn.Linear(memory_dim, attn_dim, bias=True)
+            self.query_proj = Linear(query_dim, attn_dim, bias=False)
+            self.key_proj = Linear(memory_dim, attn_dim, bias=True)
             self.v = nn.Linear(attn_dim, 1, bias=False)
             # The activations of the CPU training steps (`AttentionSteps`), kept between
             # batches; not a weight.
             self.scratch = ScratchBuffer()
         elif score == "general":
-            self.key_proj = nn.Linear(memory_dim, query_dim, bias=False)
+            self.key_proj = Linear(memory_dim, query_dim, bias=False)
         elif query_dim != memory_dim:
             raise ValueError(
                 f"dot attention needs equal query and memory sizes, got {query_dim} and "
@@ -194,22 +195,35 @@ class AttentionSteps:
       steps at the end instead of one outer product (a bmm with an inner size of 1) and a
       running sum per step.
 
-    Anywhere else every step is `Attention.forward`. Same numbers up to rounding either way.
+    Under CPU autocast to bf16 (`--precision bf16`) the same steps run in fp32 on fp32
+    copies of the keys, the memory and each step's query (whose projections autocast
+    multiplies in bf16): what they do is elementwise work and matrix-vector products, which
+    bf16 would not speed up (`rnmt.precision.cpu_training_products`). Anywhere else every
+    step is `Attention.forward`. Same numbers up to rounding either way.
     """
 
     def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor,
                  steps: int) -> None:
         self.attention, self.keys, self.memory, self.mask = attention, keys, memory, mask
-        self.fast = attention.additive and cpu_fp32_training(memory)
+        self.fast = attention.additive and cpu_training_products(memory) is not None
         if self.fast:
             self._pass = _Pass(keys, memory, mask, attention.v.weight, steps,
                                attention.scratch)
-            self._token = _MemoryGradient.apply(keys, memory, attention.v.weight, self._pass)
+            with _autocast_off():
+                self._token = _MemoryGradient.apply(keys, memory, attention.v.weight,
+                                                    self._pass)
 
     def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
         if not self.fast:
             return self.attention(query, self.keys, self.memory, self.mask)
-        return _AdditiveStep.apply(self.attention.queries(query), self._token, self._pass)
+        queries = self.attention.queries(query)  # a product: bf16 under autocast
+        with _autocast_off():
+            return _AdditiveStep.apply(queries, self._token, self._pass)
+
+
+def _autocast_off() -> torch.autocast:
+    """CPU autocast switched off, for the fp32 steps (it would run their bmm in bf16)."""
+    return torch.autocast("cpu", enabled=False)
 
 
 class _Pass:
@@ -219,7 +233,7 @@ class _Pass:
 
     def __init__(self, keys: Tensor, memory: Tensor, mask: Tensor, v: Tensor, steps: int,
                  scratch: ScratchBuffer) -> None:
-        self.keys, self.memory = keys.detach(), memory.detach()
+        self.keys, self.memory = keys.detach().float(), memory.detach().float()
         self.v2 = v.detach().view(-1) * 2.0
         self.masked = ~mask
         self.scratch = scratch
@@ -242,7 +256,7 @@ class _MemoryGradient(torch.autograd.Function):
                 ) -> Tensor:
         ctx.shared = shared
         # Lent to this node: freed by its backward, or with the graph if none runs.
-        shared.hidden = shared.scratch.take((shared.steps, *keys.shape), keys, ctx)
+        shared.hidden = shared.scratch.take((shared.steps, *keys.shape), shared.keys, ctx)
         return keys.new_zeros(())
 
     @staticmethod
@@ -273,7 +287,7 @@ class _AdditiveStep(torch.autograd.Function):
         assert shared.hidden is not None
         if shared.t >= shared.steps:
             raise RuntimeError(f"AttentionSteps called more than its {shared.steps} steps")
-        a = torch.add(keys, q.unsqueeze(1), out=shared.hidden[shared.t]).sigmoid_()
+        a = torch.add(keys, q.unsqueeze(1).float(), out=shared.hidden[shared.t]).sigmoid_()
         ctx.t, ctx.shared = shared.t, shared
         shared.t += 1
         scores = torch.mv(a.view(-1, a.size(-1)), shared.v2).view(a.shape[:2])

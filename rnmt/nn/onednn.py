@@ -98,18 +98,60 @@ def onednn_available() -> bool:
         # Fixed numbers, not torch.randn: the first call can come in the middle of training,
         # and a draw from the global generator there would shift the dropout stream.
         weight, x = torch.linspace(-1, 1, 32).view(8, 4), torch.linspace(-2, 2, 12).view(3, 4)
-        return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
+        # The first call can come under autocast too (`--precision bf16`), which would
+        # round the fp32 reference product to bf16.
+        with torch.autocast("cpu", enabled=False):
+            return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
     except (AttributeError, RuntimeError):  # ops missing from this build or refused
         return False
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN products in `dtype` run here: oneDNN switched on
+    (`torch.backends.mkldnn.enabled`), `onednn_available`, and for bf16 its bf16 kernels
+    (AVX512-BF16 or AMX; elsewhere they are refused or emulated)."""
+    if not torch.backends.mkldnn.enabled or not onednn_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def training_rows(rows: int) -> int:
+    """The row count a bf16 training product of `rows` rows runs at (`pad_rows`): the next
+    multiple of 2^(⌊log2 rows⌋ − 3), at least 8: eight sizes per octave, at most 1/8
+    padding (72 for 66 rows, 160 for 157, 3072 for 2996)."""
+    step = max(8, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
+def pad_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x (rows, cols) in `dtype`, with zero rows appended up to `training_rows(rows)`: one
+    copy.
+
+    Why: oneDNN builds a kernel for every shape of bf16 product it meets, ~10 ms for the
+    reference model's vocabulary product on the AMX development machine, while training
+    batches hardly ever repeat a row count (sentences × pieces): on 6 batches, their bf16
+    training steps ran 4,569 target tokens/s the first time and 5,656 the second. Zero rows
+    change no row of a product, and add nothing to a sum over rows."""
+    rows = x.size(0)
+    size = training_rows(rows)
+    out = x.new_empty((size, *x.shape[1:]), dtype=dtype)
+    out[:rows].copy_(x)
+    out[rows:].zero_()
+    return out
+
+
 class _Pass:
     """What the steps of one forward/backward pass share: W reordered for the forward
-    products, Wᵀ for the backward ones (reordered at the first backward step), and every
-    step's (x_t, dy_t) until the weight's gradient is formed."""
+    products, Wᵀ for the backward ones (reordered at the first backward step), both in the
+    product dtype, and every step's (x_t, dy_t), in the product dtype (bf16: padded by
+    `pad_rows`), until the weight's gradient is formed."""
 
-    def __init__(self, weight: Tensor) -> None:
-        self.weight = weight.detach()
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        self.dtype, self.weight_dtype = dtype, weight.dtype
+        self.pad = dtype != torch.float32  # fp32 runs unpadded: its kernels build fast
+        self.weight = weight.detach().to(dtype)
         self.packed = _reorder(self.weight)
         self._packed_t: Tensor | None = None
         self.inputs: list[Tensor] = []
@@ -137,24 +179,35 @@ class _WeightGradient(torch.autograd.Function):
         grads = shared.grads[::-1]  # forward order, to pair with the inputs
         inputs = shared.inputs[: len(grads)]  # the steps backward reached (all, usually)
         shared.grads, shared.inputs = [], []
-        return torch.cat(grads).t() @ torch.cat(inputs), None
+        grads, inputs = torch.cat(grads), torch.cat(inputs)
+        if shared.pad:
+            grads, inputs = pad_rows(grads, shared.dtype), pad_rows(inputs, shared.dtype)
+        return (grads.t() @ inputs).to(shared.weight_dtype), None
 
 
 class _StepProduct(torch.autograd.Function):
-    """y_t = x_t Wᵀ; backward dx_t = dy_t W (oneDNN), and dy_t kept for `_WeightGradient`."""
+    """y_t = x_t Wᵀ; backward dx_t = dy_t W (oneDNN), and dy_t kept for `_WeightGradient`.
+    x_t and dy_t are rounded to the product dtype, y_t and dx_t come back in x_t's."""
 
     @staticmethod
     def forward(ctx, x: Tensor, token: Tensor, shared: _Pass) -> Tensor:  # type: ignore[override]
         ctx.shared = shared
-        shared.inputs.append(x)
-        return _linear(x, shared.packed)
+        operand = _operand(x, shared)
+        shared.inputs.append(operand)
+        return _linear(operand, shared.packed)[: x.size(0)].to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         shared: _Pass = ctx.shared
-        grad = grad.contiguous()
-        shared.grads.append(grad)
-        return _linear(grad, shared.packed_t()), grad.new_zeros(()), None
+        operand = _operand(grad, shared)
+        shared.grads.append(operand)
+        dx = _linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
+        return dx, grad.new_zeros(()), None
+
+
+def _operand(x: Tensor, shared: _Pass) -> Tensor:
+    """x as the pass's products take it: in their dtype, padded where that is bf16."""
+    return pad_rows(x, shared.dtype) if shared.pad else x.contiguous()
 
 
 class RecurrentProduct:
@@ -169,13 +222,17 @@ class RecurrentProduct:
       reference model (71 rows, 1024 -> 2048) the per-step products ran at ~50 GFLOP/s,
       the single one at ~115.
 
+    `dtype` is what the products multiply in: W's own, or bf16 (`--precision bf16` on a
+    CPU with AMX / AVX512-BF16): W, x_t and dy_t are rounded to bf16, oneDNN accumulates in
+    fp32, and y_t, dx_t and dW come back in fp32 (rounded to bf16 on the way).
+
     First-order gradients, one backward per forward pass (what training does). The steps'
     inputs and output gradients are held until the weight's gradient is formed: about
-    the size of the gate activations autograd keeps anyway.
+    the size of the gate activations autograd keeps anyway (half of it in bf16).
     """
 
-    def __init__(self, weight: Tensor) -> None:
-        self._shared = _Pass(weight)
+    def __init__(self, weight: Tensor, dtype: torch.dtype | None = None) -> None:
+        self._shared = _Pass(weight, weight.dtype if dtype is None else dtype)
         self._token = _WeightGradient.apply(weight, self._shared)
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -22,15 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnmt.nn import cells
 from rnmt.nn.dropout import dropout as apply_dropout
-from rnmt.nn.onednn import RecurrentProduct, onednn_available
-from rnmt.precision import cpu_fp32_training
+from rnmt.nn.linear import linear
+from rnmt.nn.onednn import RecurrentProduct, onednn_runs
+from rnmt.precision import cpu_training_products
 
 State = Tensor | tuple[Tensor, Tensor]
 
@@ -269,23 +269,29 @@ class Stepper:
 
     with upper layers as in `RNN.step`. The per-step products and their gradients were
     most of a teacher-forced decoder's time there: `RecurrentProduct` runs them on oneDNN
-    and forms the weight's gradient once. Anywhere else (GPU, autocast, other cells, the
-    reference cells, no autograd) each step is `RNN.step` on the concatenated input.
-    Same numbers up to rounding either way.
+    and forms the weight's gradient once. Under CPU autocast to bf16 (`--precision bf16`)
+    the same path multiplies in bf16, the gates and the state kept in fp32
+    (`rnmt.precision.cpu_training_products`). Anywhere else (GPU, other autocast, other
+    cells, the reference cells, no autograd) each step is `RNN.step` on the concatenated
+    input. Same numbers up to rounding either way.
     """
 
     def __init__(self, rnn: nn.Module, known: Tensor) -> None:
         """rnn: an `RNN`, or any module with its `step` (`rnmt.step_layers.StepRecurrent`)."""
         self.rnn = rnn
-        self.fast = (isinstance(rnn, RNN) and rnn.cell == "lstm" and rnn.impl == "fused"
-                     and _onednn_trains(known))
+        products = (_onednn_trains(known) if isinstance(rnn, RNN) and rnn.cell == "lstm"
+                    and rnn.impl == "fused" else None)
+        self.fast = products is not None
         if not self.fast:
             self.known = known.unbind(1)  # unbind: its backward stacks the steps' grads once
             return
         layer, d = rnn.layer, known.size(-1)
         w_ih = layer.weight_ih_l0
-        self.pre = F.linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0).unbind(1)
-        self.rest_product = RecurrentProduct(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1))
+        # In bf16 training this product runs in bf16; its fp32 result joins the gates.
+        pre = linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0)
+        self.pre = pre.to(known.dtype).unbind(1)
+        self.rest_product = RecurrentProduct(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1),
+                                             products)
 
     def step(self, t: int, rest: Tensor, state: State) -> tuple[Tensor, State]:
         """Step t with rest_t (batch, input - d): the top layer's h and the new state,
@@ -307,10 +313,12 @@ class Stepper:
                           self.rnn.layer.dropout, self.rnn.training)
 
 
-def _onednn_trains(x: Tensor) -> bool:
-    """Whether per-step products with x's dtype and device train on oneDNN: fp32 on the
-    CPU, oneDNN built and switched on, no autocast (whose 16-bit products it would skip)."""
-    return cpu_fp32_training(x) and torch.backends.mkldnn.enabled and onednn_available()
+def _onednn_trains(x: Tensor) -> torch.dtype | None:
+    """The dtype per-step products of a training pass over x multiply in on oneDNN
+    (`cpu_training_products`), or None where they cannot (no oneDNN, switched off, no
+    bf16 kernels)."""
+    dtype = cpu_training_products(x)
+    return dtype if dtype is not None and onednn_runs(dtype) else None
 
 
 def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: int, x: Tensor,
