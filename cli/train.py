@@ -112,6 +112,7 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
         from rnmt.training import saved_run_options
 
         path, saved = saved_run_options(Path(merged["save_dir"]))
+        _refuse_a_new_model(merged, explicit, saved, path)
         for name, value in saved.items():
             if name in explicit or name not in hints or name in ("resume", "overwrite",
                                                                   "save_dir", "config"):
@@ -120,6 +121,24 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
                 continue  # threads=None is the run's "torch's default": keep the option's 0
             merged[name] = coerce(value, hints[name], name, str(path))
     return merged
+
+
+def _refuse_a_new_model(merged: dict[str, Any], explicit: set[str], saved: dict[str, Any],
+                        path: Path) -> None:
+    """A resumed run keeps its model (its weights have its shapes): a model option given
+    with --resume that differs from the run's is a ConfigError, not silently ignored."""
+    from rnmt.errors import ConfigError
+
+    saved = dict(saved)
+    if saved.get("layers") is None and saved.get("enc_layers") == saved.get("dec_layers"):
+        saved["layers"] = saved.get("enc_layers")  # `--layers N` sets both
+    changed = [f"--{name.replace('_', '-')} {merged[name]} (the run's: {saved[name]})"
+               for name in (*MODEL_OPTIONS, "layers")
+               if name in explicit and name in saved and merged[name] is not None
+               and merged[name] != saved[name]]
+    if changed:
+        raise ConfigError(f"--resume continues the model of {path}; it cannot change "
+                          f"{', '.join(changed)}: drop them, or start a new run")
 
 
 def train(

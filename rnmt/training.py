@@ -721,8 +721,12 @@ class Trainer:
         shared = dict(zip(numbers, self.dist.broadcast_floats(
             [measured.get(key, math.nan) for key in numbers])))
         loss = shared.pop("valid_loss")
+        # The epoch in progress, as the training lines count it: a validation in the middle
+        # of epoch 2 (`valid_every`, or a limit reached) belongs to epoch 2, the one at its
+        # end too.
+        epoch = self.sampler.epoch + (1 if self.sampler.position > 0 else 0)
         stats: dict[str, Any] = {
-            "step": self.state.step, "epoch": self.state.epoch, "valid_loss": loss,
+            "step": self.state.step, "epoch": epoch, "valid_loss": loss,
             "valid_ppl": math.exp(min(loss, 50.0)), "lr": self.schedule.lr, **shared,
         }
         if "samples" in measured:

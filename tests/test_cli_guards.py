@@ -213,3 +213,15 @@ def test_score_with_a_tokenizer_whose_extra_is_missing_is_one_line_error(tmp_pat
     result = run_rnmt("score", "--ref", str(tmp_path / "ref.txt"), "--tokenize", "ja-mecab",
                       stdin="a b\n")
     assert_one_line_error(result, "--tokenize ja-mecab", "sacrebleu[ja]")
+
+
+def test_resume_refuses_to_change_the_model_instead_of_ignoring_it(bin_dir, tmp_path):
+    _train(bin_dir, tmp_path, "--max-steps", "2", "--max-tokens", "800")
+    result = _train(bin_dir, tmp_path, "--max-steps", "4", "--resume", "--cell", "gru",
+                    "--dropout", "0.5")
+    assert_one_line_error(result, "--resume", "--cell gru (the run's: lstm)", "--dropout 0.5")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    # The run's own model options given again are no change: it continues.
+    again = _train(bin_dir, tmp_path, "--max-steps", "3", "--resume", "--cell", "lstm")
+    assert again.returncode == 0, again.stderr.decode()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from sacrebleu.metrics import CHRF
 
@@ -48,3 +50,18 @@ def test_resume_continues_from_last_checkpoint(bin_dir, tmp_path):
     assert trainer.state.step == 6
     summary = trainer.train()
     assert summary["step"] == 10
+
+
+def test_validations_name_the_epoch_they_ran_in(bin_dir, tmp_path):
+    """One at the end of epoch 1, one two updates into epoch 2 (the step limit): the
+    second belongs to epoch 2, as the training lines around it say."""
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=1, log_every=1,
+                         device="cpu")
+    per_epoch = len(Trainer(bin_dir, TINY_MODEL, config).sampler.batches(0))
+    config.max_steps = per_epoch + 2
+    Trainer(bin_dir, TINY_MODEL, config).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [(r["step"], r["epoch"]) for r in records if r["kind"] == "valid"]
+    assert valid == [(per_epoch, 1), (per_epoch + 2, 2)]
+    last_train = [r for r in records if r["kind"] == "train"][-1]
+    assert last_train["epoch"] == 2
