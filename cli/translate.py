@@ -45,7 +45,7 @@ def translate(
     """Translate stdin to stdout, one line in, one line out."""
     import torch
 
-    from rnmt.errors import DataError
+    from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
     from rnmt.text import LineReader, TextLines
     from rnmt.translator import OUTPUT_FORMATS, Translator
@@ -85,6 +85,11 @@ def translate(
     translator = Translator.load(model, config, device=device, batch_size=batch_size,
                                  buffer_size=buffer_size, max_tokens=max_tokens,
                                  precision=precision, quantize=quantize, workers=workers)
+    if (alignment or attention_plot is not None) and not translator.attends:
+        # Without attention weights these would be empty: refused, not left blank in silence.
+        option = "--alignment" if alignment else "--attention-plot"
+        raise ConfigError(f"{option} needs a model with attention; {model[0]} has none "
+                        "(an --arch seq2seq model or a language model)")
     for warning in translator.warnings:
         print(f"rnmt: warning: {warning}", file=sys.stderr)
     # A file, plain or .gz, streams through TextLines (which names the file when reading

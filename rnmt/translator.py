@@ -31,6 +31,7 @@ from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
 from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
+from rnmt.nn.attention import Attention
 from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.precision import PRECISIONS, check_precision, check_precision_name
 from rnmt.quantize import check_quantize, quantize_for_inference
@@ -261,6 +262,12 @@ class Translator:
         loaded.model = prepare_model(loaded.model, precision, quantize, pack)
         return cls(loaded, config, dev, batch_size, buffer_size, max_tokens,
                    [warning] if warning else [], workers)
+
+    @property
+    def attends(self) -> bool:
+        """Whether the model attends over the source: whether there are attention weights
+        to align words with or to plot (not for `--arch seq2seq` or a language model)."""
+        return any(isinstance(m, Attention) for m in self.model.modules())
 
     # --- lines in, lines out --------------------------------------------------------------
 

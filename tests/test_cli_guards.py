@@ -225,3 +225,16 @@ def test_resume_refuses_to_change_the_model_instead_of_ignoring_it(bin_dir, tmp_
     again = _train(bin_dir, tmp_path, "--max-steps", "3", "--resume", "--cell", "lstm")
     assert again.returncode == 0, again.stderr.decode()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+
+
+def test_alignment_from_a_model_without_attention_is_refused(bin_dir, tmp_path):
+    """A seq2seq model has no attention weights: --alignment printed an empty column and
+    --attention-plot empty plots; both are refused in one line now."""
+    trained = _train(bin_dir, tmp_path, "--arch", "seq2seq", "--max-steps", "1",
+                     "--max-tokens", "800")
+    assert trained.returncode == 0, trained.stderr.decode()
+    for option in (["--alignment"], ["--attention-plot", str(tmp_path / "plots")]):
+        result = run_rnmt("translate", "-m", str(tmp_path / "last.pt"), *option,
+                          stdin="eins zwei\n")
+        assert_one_line_error(result, option[0], "attention", "last.pt")
+    assert not (tmp_path / "plots").exists()

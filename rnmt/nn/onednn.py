@@ -179,10 +179,9 @@ class _WeightGradient(torch.autograd.Function):
         grads = shared.grads[::-1]  # forward order, to pair with the inputs
         inputs = shared.inputs[: len(grads)]  # the steps backward reached (all, usually)
         shared.grads, shared.inputs = [], []
-        grads, inputs = torch.cat(grads), torch.cat(inputs)
-        if shared.pad:
-            grads, inputs = pad_rows(grads, shared.dtype), pad_rows(inputs, shared.dtype)
-        return (grads.t() @ inputs).to(shared.weight_dtype), None
+        if shared.pad:  # zero rows up to `training_rows`, in the one concatenation
+            grads, inputs = _with_zero_rows(grads), _with_zero_rows(inputs)
+        return (torch.cat(grads).t() @ torch.cat(inputs)).to(shared.weight_dtype), None
 
 
 class _StepProduct(torch.autograd.Function):
@@ -203,6 +202,13 @@ class _StepProduct(torch.autograd.Function):
         shared.grads.append(operand)
         dx = _linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
         return dx, grad.new_zeros(()), None
+
+
+def _with_zero_rows(parts: list[Tensor]) -> list[Tensor]:
+    """parts (rows_i, cols) and a block of zero rows that pads Σ rows_i to `training_rows`."""
+    rows = sum(part.size(0) for part in parts)
+    extra = training_rows(rows) - rows
+    return parts + [parts[0].new_zeros(extra, parts[0].size(1))] if extra else parts
 
 
 def _operand(x: Tensor, shared: _Pass) -> Tensor:
