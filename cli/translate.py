@@ -47,7 +47,7 @@ def translate(
 
     from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
-    from rnmt.text import LineReader, TextLines
+    from rnmt.text import LineReader, TextLines, same_file
     from rnmt.translator import OUTPUT_FORMATS, Translator
 
     if threads < 0:
@@ -75,7 +75,7 @@ def translate(
         sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         attention=alignment or output_format == "json" or attention_plot is not None,
     )
-    if input is not None and output is not None and _same_file(input, output):
+    if input is not None and output is not None and same_file(input, output):
         # checked before -o is opened: opening it for writing would empty the input
         raise DataError(f"{input}: input and output are the same file")
     if input is not None:
@@ -146,14 +146,6 @@ def _write_translations(chunks, sink, output_format: str, nbest: int, alignment:
                                best.pieces + ["</s>"], best.attention)
             index += 1
         sink.flush()  # a chunk at a time: output starts before the input ends
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (links and `..` included); False if one is missing."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
 
 
 def _open(path: Path, mode: str):

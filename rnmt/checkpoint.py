@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rnmt.errors import CheckpointError
+from rnmt.text import same_file
 
 FORMAT = "rnmt"
 FORMAT_VERSION = 1
@@ -124,13 +125,10 @@ def check_average_output(paths: list[Path], output: Path) -> None:
     output = Path(output)
     if not output.exists():
         return
-    for path in paths:
-        try:
-            if output.samefile(path):
-                raise CheckpointError(f"{output}: is one of the checkpoints being averaged; "
-                                      "write the average to another file")
-        except OSError:
-            continue  # a missing input: averaging reports it, naming the file
+    # a missing input is no match: averaging reports it, naming the file
+    if any(same_file(output, path) for path in paths):
+        raise CheckpointError(f"{output}: is one of the checkpoints being averaged; "
+                              "write the average to another file")
     try:
         resumable = "training" in load_checkpoint(output, mmap=True)
     except CheckpointError:

@@ -39,6 +39,12 @@ def cpu_training_products(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def cpu_autocast_off() -> torch.autocast:
+    """CPU autocast switched off, around the CPU kernels that choose each product's dtype
+    themselves (autocast would recast their fp32 work, a bmm say, to bf16)."""
+    return torch.autocast("cpu", enabled=False)
+
+
 def _cpu_autocast_dtype() -> torch.dtype | None:
     """The dtype CPU autocast casts to, None when it is off."""
     try:

@@ -163,3 +163,11 @@ def corpus_path(prefix: str | Path, lang: str) -> Path:
     if not plain.exists() and gz.exists():
         return gz
     return plain
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (links and `..` included); False if one is missing."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False

@@ -17,6 +17,21 @@ TINY_MODEL = dict(emb_dim=32, hidden_dim=32, dec_hidden_dim=64, attn_dim=32, out
                   dropout=0.0)
 
 
+def through_recurrence(product, xs, h0, weight):
+    """h_t = tanh(product(x_t + h_{t-1})) over the steps of xs (steps, rows, size): the
+    outputs (steps, rows, size) and the gradients of xs, h0 and weight of a fixed function
+    of them (the tests of `RecurrentProduct`)."""
+    import torch
+
+    h, outs = h0, []
+    for x in xs.unbind(0):
+        h = torch.tanh(product(x + h))
+        outs.append(h)
+    out = torch.stack(outs)
+    weights = torch.arange(float(out.size(-1)))
+    return out, torch.autograd.grad((out * weights).sum(), [xs, h0, weight])
+
+
 def load_script(path: Path):
     """A script (data/, benchmarks/) as a module, its folder on the path as when it runs
     (`python benchmarks/NAME.py` imports `common` from there)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import through_recurrence
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.attention import AttentionSteps
 from rnmt.nn.loss import VocabularyLoss
@@ -65,14 +66,8 @@ def test_a_bf16_recurrent_product_multiplies_in_bf16_and_gives_fp32_gradients():
     h0 = torch.randn(19, 40, requires_grad=True)
     results = []
     for dtype in (torch.bfloat16, torch.float32):
-        product = RecurrentProduct(weight * 0.2, dtype)
-        h, outs = h0, []
-        for x in xs.unbind(0):
-            h = torch.tanh(product(x + h))
-            outs.append(h)
-        out = torch.stack(outs)
-        grads = torch.autograd.grad((out * torch.arange(40.0)).sum(), [xs, h0, weight])
-        results.append((out, grads))
+        results.append(through_recurrence(RecurrentProduct(weight * 0.2, dtype), xs, h0,
+                                          weight))
     (out, grads), (expected, expected_grads) = results
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     assert 0 < _relative_error(out, expected) < 1e-2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import through_recurrence
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.onednn import RecurrentProduct, onednn_available
 from rnmt.nn.rnn import RNN, Stepper
@@ -79,13 +80,7 @@ def test_recurrent_product_gives_the_matmul_and_its_gradients_over_a_recurrence(
     h0 = torch.randn(3, 6, requires_grad=True)
     results = []
     for product in (RecurrentProduct(weight * 1.0), lambda x: x @ (weight * 1.0).t()):
-        h, outs = h0, []
-        for x in xs.unbind(0):
-            h = torch.tanh(product(x + h))
-            outs.append(h)
-        out = torch.stack(outs)
-        grads = torch.autograd.grad((out * torch.arange(6.0)).sum(), [xs, h0, weight])
-        results.append((out, grads))
+        results.append(through_recurrence(product, xs, h0, weight))
     (out, grads), (expected, expected_grads) = results
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from rnmt.nn.linear import Linear
 from rnmt.nn.scratch import ScratchBuffer
-from rnmt.precision import cpu_training_products
+from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 SCORES = ("bahdanau", "dot", "general", "concat")
 # Elements of the additive score's (rows, src_len, attn) activation computed at once when
@@ -195,9 +195,9 @@ class AttentionSteps:
       steps at the end instead of one outer product (a bmm with an inner size of 1) and a
       running sum per step.
 
-    Under CPU autocast to bf16 (`--precision bf16`) the same steps run in fp32 on fp32
-    copies of the keys, the memory and each step's query (whose projections autocast
-    multiplies in bf16): what they do is elementwise work and matrix-vector products, which
+    Under CPU autocast to bf16 (`--precision bf16`) the same steps run in fp32, autocast
+    switched off (the query and key projections, `rnmt.nn.linear`, multiply in bf16 and
+    return fp32): what the steps do is elementwise work and matrix-vector products, which
     bf16 would not speed up (`rnmt.precision.cpu_training_products`). Anywhere else every
     step is `Attention.forward`. Same numbers up to rounding either way.
     """
@@ -209,21 +209,16 @@ class AttentionSteps:
         if self.fast:
             self._pass = _Pass(keys, memory, mask, attention.v.weight, steps,
                                attention.scratch)
-            with _autocast_off():
+            with cpu_autocast_off():
                 self._token = _MemoryGradient.apply(keys, memory, attention.v.weight,
                                                     self._pass)
 
     def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
         if not self.fast:
             return self.attention(query, self.keys, self.memory, self.mask)
-        queries = self.attention.queries(query)  # a product: bf16 under autocast
-        with _autocast_off():
+        queries = self.attention.queries(query)
+        with cpu_autocast_off():
             return _AdditiveStep.apply(queries, self._token, self._pass)
-
-
-def _autocast_off() -> torch.autocast:
-    """CPU autocast switched off, for the fp32 steps (it would run their bmm in bf16)."""
-    return torch.autocast("cpu", enabled=False)
 
 
 class _Pass:
@@ -287,7 +282,7 @@ class _AdditiveStep(torch.autograd.Function):
         assert shared.hidden is not None
         if shared.t >= shared.steps:
             raise RuntimeError(f"AttentionSteps called more than its {shared.steps} steps")
-        a = torch.add(keys, q.unsqueeze(1).float(), out=shared.hidden[shared.t]).sigmoid_()
+        a = torch.add(keys, q.unsqueeze(1), out=shared.hidden[shared.t]).sigmoid_()
         ctx.t, ctx.shared = shared.t, shared
         shared.t += 1
         scores = torch.mv(a.view(-1, a.size(-1)), shared.v2).view(a.shape[:2])

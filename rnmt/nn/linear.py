@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnmt.nn.onednn import pad_rows
-from rnmt.precision import cpu_training_products
+from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 
 class _PaddedLinear(torch.autograd.Function):
@@ -56,7 +56,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`; in bf16 CPU training, its products in bf16 at padded
     row counts and its result in fp32 (module docstring)."""
     if cpu_training_products(x) == torch.bfloat16:
-        with torch.autocast("cpu", enabled=False):
+        with cpu_autocast_off():
             return _PaddedLinear.apply(x, weight, bias, torch.bfloat16)
     return F.linear(x, weight, bias)
 

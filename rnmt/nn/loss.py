@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from rnmt.nn.onednn import pad_rows
 from rnmt.nn.scratch import ScratchBuffer
-from rnmt.precision import cpu_training_products
+from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 PAD_COLUMNS = 16
 
@@ -140,7 +140,7 @@ def vocabulary_loss(o: Tensor, generator: nn.Linear, target: Tensor, epsilon: fl
     products = cpu_training_products(o)
     if products is not None:
         assert generator.bias is not None  # `output_layer`'s generators all have one
-        with torch.autocast("cpu", enabled=False):  # it chooses its products' dtype itself
+        with cpu_autocast_off():  # it chooses its products' dtype itself
             return VocabularyLoss.apply(o.float(), generator.weight, generator.bias, target,
                                         epsilon, pad, buffer, products)
     return smoothed_token_loss(generator(o), target, epsilon, pad)

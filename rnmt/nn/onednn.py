@@ -25,6 +25,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from rnmt.precision import cpu_autocast_off
+
 
 def row_bucket(rows: int) -> int:
     """The row count a product of `rows` rows runs at: the next multiple of 8 up to 64,
@@ -100,7 +102,7 @@ def onednn_available() -> bool:
         weight, x = torch.linspace(-1, 1, 32).view(8, 4), torch.linspace(-2, 2, 12).view(3, 4)
         # The first call can come under autocast too (`--precision bf16`), which would
         # round the fp32 reference product to bf16.
-        with torch.autocast("cpu", enabled=False):
+        with cpu_autocast_off():
             return torch.allclose(OneDNNLinear(weight)(x), x @ weight.t(), atol=1e-5)
     except (AttributeError, RuntimeError):  # ops missing from this build or refused
         return False

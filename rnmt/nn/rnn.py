@@ -287,9 +287,8 @@ class Stepper:
             return
         layer, d = rnn.layer, known.size(-1)
         w_ih = layer.weight_ih_l0
-        # In bf16 training this product runs in bf16; its fp32 result joins the gates.
-        pre = linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0)
-        self.pre = pre.to(known.dtype).unbind(1)
+        # `linear`: in bf16 training this product runs in bf16, its result in fp32.
+        self.pre = linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0).unbind(1)
         self.rest_product = RecurrentProduct(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1),
                                              products)
 
