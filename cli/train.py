@@ -84,6 +84,22 @@ MODEL_OPTIONS = (
 )
 
 
+def _refuse_attention_without_attention(ctx: typer.Context, merged: dict[str, Any],
+                                        explicit: set[str]) -> None:
+    """`--arch seq2seq --attention dot` is a ConfigError, not a model without attention
+    trained in silence. Only a score set on the command line or in --config to another
+    value than the default counts, so a seq2seq run's own config.json (which holds every
+    option) stays a valid --config. Unused sizes (`--attn-dim` for seq2seq) are let be: a
+    config shared by several architectures holds them."""
+    from rnmt.errors import ConfigError
+
+    default = next(p.default for p in ctx.command.params if p.name == "attention")
+    if (merged["arch"] != "attention" and "attention" in explicit
+            and merged["attention"] != default):
+        raise ConfigError(f"--attention {merged['attention']}: --arch {merged['arch']} has no "
+                          "attention; use --arch attention, or drop --attention")
+
+
 def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
              ) -> dict[str, Any]:
     """Command line > --config file > the resumed run's options (--resume) > defaults; the
@@ -104,6 +120,7 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
         for name in set(from_file) - explicit:
             merged[name] = coerce(merged[name], hints[name], name, str(config_file))
         explicit |= set(from_file)
+    _refuse_attention_without_attention(ctx, merged, explicit)
     if merged["resume"] and merged["save_dir"] is not None:
         # `--resume` continues the run as it was: its saved options (batch size, rate,
         # threads, limits ...) are the defaults, and only what is given again overrides

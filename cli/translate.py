@@ -17,6 +17,7 @@ def translate(
     length_penalty: Annotated[float, typer.Option(help="GNMT length penalty α; 0 ranks by raw log-probability.")] = 1.0,
     max_len_a: Annotated[float, typer.Option(help="Output length limit: a * source length + b.")] = 1.5,
     max_len_b: Annotated[int, typer.Option(help="Output length limit: a * source length + b.")] = 10,
+    max_len: Annotated[int, typer.Option(help="Hard output length limit in pieces, whatever a and b say.")] = 1024,
     min_len: Annotated[int, typer.Option(help="At least this many pieces before </s>.")] = 0,
     nbest: Annotated[int, typer.Option(help="Output the K best per line as index<TAB>score<TAB>text (K <= beam).")] = 1,
     no_repeat_ngram: Annotated[int, typer.Option(help="Never repeat an n-gram of pieces of this size in one output; 0 = off.")] = 0,
@@ -71,6 +72,7 @@ def translate(
         require_matplotlib()
     config = SearchConfig(
         beam=beam, length_penalty=length_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
+        max_len=max_len,
         min_len=min_len, nbest=nbest, no_repeat_ngram=no_repeat_ngram, unk_penalty=unk_penalty,
         sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         attention=alignment or output_format == "json" or attention_plot is not None,

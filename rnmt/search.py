@@ -34,7 +34,9 @@ from rnmt.vocab import BOS, EOS, PAD, UNK
 @dataclass
 class SearchConfig:
     """How to search. beam 1 = greedy. Output length is capped at `max_len_a * src_len +
-    max_len_b` pieces (`</s>` included); `min_len` pieces come before `</s>` at the least.
+    max_len_b` pieces (`</s>` included) and never more than `max_len`, whatever a and b say
+    (a model that never ends a line would otherwise run for a * src_len steps: a pipeline
+    stalled by one runaway line); `min_len` pieces come before `</s>` at the least.
 
     `nbest` hypotheses per sentence (at most `beam`; with `sample`, that many samples).
     `no_repeat_ngram` n > 0 forbids any n-gram of pieces twice in one output.
@@ -48,6 +50,7 @@ class SearchConfig:
     length_penalty: float = 1.0
     max_len_a: float = 1.5
     max_len_b: int = 10
+    max_len: int = 1024
     min_len: int = 0
     nbest: int = 1
     no_repeat_ngram: int = 0
@@ -70,6 +73,8 @@ class SearchConfig:
             raise ConfigError("--beam must be at least 1")
         if self.nbest < 1:
             raise ConfigError("--nbest must be at least 1")
+        if self.max_len < 2:
+            raise ConfigError("--max-len must be at least 2 (one piece and </s>)")
         if not self.sample and self.nbest > self.beam:
             raise ConfigError(f"--nbest {self.nbest} needs --beam {self.nbest} or more")
         if self.min_len < 0 or self.no_repeat_ngram < 0 or self.top_k < 0:
@@ -95,9 +100,10 @@ def length_penalty(length: int, alpha: float) -> float:
 def _max_lengths(src_lengths: Tensor, config: SearchConfig) -> Tensor:
     """Per sentence, the most target pieces (</s> included): at least 2, so that one piece
     always fits before </s> (a limit of 1 allows only </s>: an empty line whatever the
-    input); clamped as floats, as a huge `max_len_a` overflows an int64 into a negative."""
+    input), at most `config.max_len`; clamped as floats, as a huge `max_len_a` overflows an
+    int64 into a negative."""
     limit = config.max_len_a * src_lengths.double() + config.max_len_b
-    return limit.clamp(min=2, max=2**31 - 1).long()
+    return limit.clamp(min=2, max=config.max_len).long()
 
 
 def _ban_repeated_ngrams(log_probs: Tensor, tokens: Tensor, n: int) -> None:

@@ -119,6 +119,7 @@ def test_translate_with_stdin_closed_is_one_line_error(trained_checkpoint):
     (["--threads", "-1"], "--threads"),
     (["--unk-penalty", "nan"], "--unk-penalty"),
     (["--max-len-a", "nan"], "--max-len-a"),
+    (["--max-len", "1"], "--max-len"),
     (["--sample", "--temperature", "inf"], "--temperature"),
 ])
 def test_translate_refuses_impossible_options(trained_checkpoint, options, needle):
@@ -238,3 +239,22 @@ def test_alignment_from_a_model_without_attention_is_refused(bin_dir, tmp_path):
                           stdin="eins zwei\n")
         assert_one_line_error(result, option[0], "attention", "last.pt")
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("arch", ["seq2seq", "lm"])
+def test_train_refuses_an_attention_score_for_a_model_without_attention(bin_dir, tmp_path,
+                                                                        arch):
+    """`--arch seq2seq --attention dot` trained a model without attention in silence."""
+    result = _train(bin_dir, tmp_path, "--max-steps", "1", "--arch", arch, "--attention", "dot")
+    assert_one_line_error(result, "--attention dot", f"--arch {arch} has no attention")
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_runs_own_config_json_stays_a_valid_config(bin_dir, tmp_path):
+    """A seq2seq run's config.json holds every option, attention at its default."""
+    first = _train(bin_dir, tmp_path / "a", "--arch", "seq2seq", "--max-steps", "1",
+                   "--max-tokens", "800")
+    assert first.returncode == 0, first.stderr.decode()
+    again = run_rnmt("train", "--config", str(tmp_path / "a" / "config.json"),
+                     "--save-dir", str(tmp_path / "b"), "--max-steps", "1")
+    assert again.returncode == 0, again.stderr.decode()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from rnmt.models import ModelConfig, build_model
@@ -116,6 +118,20 @@ def test_the_length_limit_grows_with_each_sentences_own_length():
         for i, out in enumerate(search(model, src, lengths, config)):
             hyp = out[0] if isinstance(out, list) else out
             assert len(hyp.tokens) + 1 == int(0.5 * int(lengths[i]) + 2), (search, i)
+
+
+def test_max_len_caps_the_output_whatever_a_and_b_say():
+    """A model that is kept from ending (min_len) under a limit of a million × |x| pieces
+    stops at --max-len, </s> included, in every search."""
+    model = _model(7)
+    src, lengths = _batch(7)
+    config = SearchConfig(beam=3, max_len_a=1e6, max_len_b=0, max_len=6, min_len=100)
+    for search in (greedy_search, beam_search):
+        for out in search(model, src, lengths, config):
+            hyp = out[0] if isinstance(out, list) else out
+            assert len(hyp.tokens) + 1 == 6, search
+    sampled = sample_search(model, src, lengths, dataclasses.replace(config, sample=True, seed=1))
+    assert all(len(hyp.tokens) + 1 == 6 for hyp in sampled)
 
 
 def _ngrams(tokens, n):
