@@ -78,11 +78,13 @@ class OneDNNLinear(nn.Module):
         self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        flat = x.reshape(-1, self.in_features)
         rows, size = flat.size(0), row_bucket(flat.size(0))
-        if size > rows:  # full batches (64 × beam 5 = 320 rows) are a size already: no copy
-            # Rows are independent: the zero rows only fill the kernel's shape.
-            flat = torch.cat([flat, flat.new_zeros(size - rows, self.in_features)])
+        # Full batches (64 × beam 5 = 320 rows) are a size already: no padding, and in fp32
+        # no copy. Else one copy casts and pads at once; rows are independent, so the zero
+        # rows only fill the kernel's shape.
+        flat = (flat.to(self.dtype).contiguous() if size == rows
+                else pad_rows(flat, self.dtype, size))
         y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._bias, "none", [], "")
         return y[:rows].float().view(*x.shape[:-1], self.out_features)
 
@@ -127,9 +129,9 @@ def training_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def pad_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x (rows, cols) in `dtype`, with zero rows appended up to `training_rows(rows)`: one
-    copy.
+def pad_rows(x: Tensor, dtype: torch.dtype, size: int | None = None) -> Tensor:
+    """x (rows, cols) in `dtype`, with zero rows appended up to `size` rows
+    (`training_rows(rows)` by default): one copy, the cast included.
 
     Why: oneDNN builds a kernel for every shape of bf16 product it meets, ~10 ms for the
     reference model's vocabulary product on the AMX development machine, while training
@@ -137,7 +139,7 @@ def pad_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
     training steps ran 4,569 target tokens/s the first time and 5,656 the second. Zero rows
     change no row of a product, and add nothing to a sum over rows."""
     rows = x.size(0)
-    size = training_rows(rows)
+    size = training_rows(rows) if size is None else size
     out = x.new_empty((size, *x.shape[1:]), dtype=dtype)
     out[:rows].copy_(x)
     out[rows:].zero_()
