@@ -145,6 +145,42 @@ def _mask_log_probs(log_probs: Tensor, t: int, max_lens: Tensor, config: SearchC
     return log_probs
 
 
+# Width of the blocks `top_k_by_blocks` ranks first; measured on the reference model's
+# (64 sentences, 5 × 3964 candidates): 64 and 128 are fastest, 32 and 256 lose a third.
+TOPK_BLOCK = 64
+
+
+def top_k_by_blocks(x: Tensor, n: int, block: int = TOPK_BLOCK) -> tuple[Tensor, Tensor]:
+    """`x.topk(n, dim=-1)` for wide rows: the same values, sorted, and their indices.
+
+    x (rows, width) -> values, indices (rows, n). Each row is cut into blocks of `block`
+    entries (the last `width % block` entries stay one short block); the n best entries
+    lie in the n blocks with the largest maxima (a block holding one of them, but not
+    among those n, would leave n blocks each holding an entry larger than it), so one
+    maximum per block, a top-n over the maxima and a top-n over those n · block entries
+    (and the short block) replace the top-n over all of them. On the reference model's
+    beam-5 candidates, (64, 19820), n = 10: 0.45 ms against torch's 0.83 ms on the CPU,
+    whose top-k costs several times a block maximum per entry (a GPU's top-k is one fast
+    kernel: there it is used as is). With ties at the n-th value, which of the tied
+    entries come back may differ from `x.topk` (torch leaves it open too).
+    """
+    x = x.contiguous()
+    rows, width = x.shape
+    blocks = width // block
+    if blocks <= n or x.device.type != "cpu":
+        return x.topk(n, dim=-1)
+    full = blocks * block
+    maxima = x[:, :full].view(rows, blocks, block).amax(dim=-1)  # (rows, blocks)
+    first = maxima.topk(n, dim=-1).indices  # (rows, n)
+    offsets = torch.arange(block, device=x.device)
+    index = (first.unsqueeze(-1) * block + offsets).view(rows, n * block)
+    if full < width:
+        tail = torch.arange(full, width, device=x.device).expand(rows, -1)
+        index = torch.cat([index, tail], dim=1)
+    values, pick = x.gather(1, index).topk(n, dim=-1)
+    return values, index.gather(1, pick)
+
+
 # ---------------------------------------------------------------------------------------
 # One path per sentence: greedy search and sampling
 # ---------------------------------------------------------------------------------------
@@ -319,7 +355,7 @@ def beam_search(model, src: Tensor, src_lengths: Tensor, config: SearchConfig
         vocab = log_probs.size(-1)
         # In place: log_probs, the largest tensor of the step, is not read again.
         candidates = log_probs.view(groups, k, vocab).add_(scores.unsqueeze(-1)).view(groups, -1)
-        top_scores, top_index = candidates.topk(2 * k, dim=-1)  # (groups, 2k)
+        top_scores, top_index = top_k_by_blocks(candidates, 2 * k)  # (groups, 2k)
         top_beam = torch.div(top_index, vocab, rounding_mode="floor")
         top_token = top_index % vocab
         is_eos = (top_token == EOS) & torch.isfinite(top_scores)

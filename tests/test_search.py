@@ -12,8 +12,9 @@ import pytest
 from rnmt.errors import ConfigError
 from rnmt.models.ensemble import Ensemble
 from rnmt.models.language_model import LanguageModel
+import rnmt.search
 from rnmt.search import (SearchConfig, beam_search, greedy_search, length_penalty,
-                         sample_search, search_nbest)
+                         sample_search, search_nbest, top_k_by_blocks)
 from rnmt.vocab import EOS, UNK
 
 
@@ -325,3 +326,39 @@ def test_asking_for_attention_from_a_model_without_it_gives_none():
     for beam in (1, 3):
         for hyp in search_nbest(model, src, lengths, SearchConfig(beam=beam, attention=True)):
             assert hyp[0].attention is None
+
+
+@pytest.mark.parametrize("width", [19820, 704, 1000, 100])
+def test_top_k_by_blocks_is_torchs_top_k(width):
+    # Distinct values, so the top 10 and their order are unique; -inf entries (masked
+    # pieces, dead beams) fill whole blocks, parts of blocks and the short last block.
+    g = torch.Generator().manual_seed(width)
+    x = torch.randperm(7 * width, generator=g)[: 7 * width].float().view(7, width)
+    x[1, width // 3 :] = float("-inf")
+    x[2, ::3] = float("-inf")
+    x[3, width - width % 64 :] += 1e6  # the short last block holds the best entries
+    values, index = top_k_by_blocks(x, 10)
+    expected_values, expected_index = x.topk(10, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(index, expected_index)
+    # A row with fewer than 10 finite entries: its -inf picks are still distinct entries.
+    x[4, 5:] = float("-inf")
+    values, index = top_k_by_blocks(x, 10)
+    assert torch.equal(values[4], x.topk(10, dim=-1).values[4])
+    assert len(set(index[4].tolist())) == 10
+    assert torch.equal(x.gather(1, index), values)
+
+
+def test_beam_search_over_a_large_vocabulary_ranks_as_torchs_top_k(monkeypatch):
+    # Large enough (4 beams × 500 pieces) for the blocks to matter, unlike the models above.
+    torch.manual_seed(3)
+    config = ModelConfig(src_vocab_size=40, tgt_vocab_size=500, emb_dim=16, hidden_dim=16,
+                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0)
+    model = build_model(config).eval()
+    src, lengths = _batch(5)
+    search = SearchConfig(beam=4, nbest=4)
+    blocks = beam_search(model, src, lengths, search)
+    monkeypatch.setattr(rnmt.search, "top_k_by_blocks", lambda x, n: x.topk(n, dim=-1))
+    plain = beam_search(model, src, lengths, search)
+    assert [[h.tokens for h in hyps] for hyps in blocks] == [[h.tokens for h in hyps] for hyps in plain]
+    assert [[h.score for h in hyps] for hyps in blocks] == [[h.score for h in hyps] for hyps in plain]
