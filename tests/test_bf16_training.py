@@ -12,7 +12,7 @@ from rnmt.models import ModelConfig, build_model
 from rnmt.nn.attention import AttentionSteps
 from rnmt.nn.loss import VocabularyLoss
 from rnmt.nn.onednn import RecurrentProduct, onednn_runs, pad_rows, training_rows
-from rnmt.nn.rnn import Stepper
+from rnmt.nn.rnn import RNN, Stepper
 from rnmt.nn.scratch import ScratchBuffer
 from rnmt.precision import cpu_has_bf16_units, cpu_training_products
 from rnmt.training import precision_context
@@ -140,3 +140,43 @@ def test_bf16_training_takes_the_cpu_kernels_and_gives_the_fp32_gradients(monkey
     want = torch.cat([want_grads[name].flatten() for name in grads])
     assert all(g.dtype == torch.float32 for g in grads.values())
     assert _relative_error(got, want) < 2e-2
+
+
+@needs_bf16_units
+def test_the_bf16_encoder_lstm_runs_at_bucketed_shapes_and_computes_the_same(monkeypatch):
+    """In bf16 training the dense LSTM kernel sees 8 rows and a multiple of 8 steps for a
+    batch of 5 × 11 (oneDNN keeps one kernel per shape); the outputs, final states and
+    gradients are the fp32 packed LSTM's to bf16 precision, whatever the extra rows and
+    steps held."""
+    torch.manual_seed(0)
+    rnn = RNN("lstm", 6, 5, 1, True).train()
+    lengths = torch.tensor([11, 1, 4, 9, 2])
+    x = torch.randn(5, 11, 6)
+    seen: list[tuple[int, ...]] = []
+    lstm = torch.lstm
+
+    def recording(inputs, *args):
+        seen.append(tuple(inputs.shape))
+        return lstm(inputs, *args)
+
+    results = []
+    for precision in ("bf16", "fp32"):
+        x_leaf = x.clone().requires_grad_()
+        if precision == "bf16":
+            monkeypatch.setattr(torch, "lstm", recording)
+            with precision_context("bf16", torch.device("cpu")):
+                out, (h, c) = rnn(x_leaf, lengths)
+            monkeypatch.setattr(torch, "lstm", lstm)
+        else:
+            out, (h, c) = rnn._packed_forward(x_leaf, lengths, None)
+        gen = torch.Generator().manual_seed(7)
+        loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in (out, h, c))
+        grads = torch.autograd.grad(loss, [x_leaf, *rnn.parameters()])
+        results.append(([out.float(), h.float(), c.float()], grads))
+    assert seen == [(8, 16, 7), (8, 16, 7)]  # both directions: 6 features and the pad one
+    (got, got_grads), (want, want_grads) = results
+    assert [t.shape for t in got] == [t.shape for t in want] == [(5, 11, 10), (2, 5, 5), (2, 5, 5)]
+    for a, b in zip(got, want):
+        assert _relative_error(a, b) < 2e-2
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.float32 and _relative_error(a, b) < 3e-2
