@@ -152,10 +152,10 @@ class RNN(nn.Module):
         `training_rows(batch)` (extra rows of length 1, dropped after), steps up to a
         multiple of 8 (more inert padding). oneDNN builds and keeps a kernel per shape it
         meets, and training batches seldom repeat one: the reference model's Multi30k
-        batches have 80 (batch, steps) shapes. Over 350 updates of it, one run each, the
-        same validation perplexity: bf16 peak RSS 1,830 -> 1,635 MB at the same speed
-        (6,149 and 6,241 target tokens/s); fp32 1,401 -> 1,344 MB but 4% slower (4,142 ->
-        3,969), so fp32 runs at the batch's own shape.
+        batches have 80 (batch, steps) shapes. Over 350 updates of it, the same validation
+        perplexity: bf16 peak RSS about 150 MB lower at the same speed (docs/training.md,
+        Memory); fp32 1,401 -> 1,344 MB but 4% slower (4,142 -> 3,969 target tokens/s),
+        so fp32 runs at the batch's own shape.
         Shapes as `forward`.
         """
         real_batch, real_steps, _ = x.shape
