@@ -91,7 +91,7 @@ def translate(
         # Without attention weights these would be empty: refused, not left blank in silence.
         option = "--alignment" if alignment else "--attention-plot"
         raise ConfigError(f"{option} needs a model with attention; {model[0]} has none "
-                        "(an --arch seq2seq model or a language model)")
+                          "(an --arch seq2seq model or a language model)")
     for warning in translator.warnings:
         print(f"rnmt: warning: {warning}", file=sys.stderr)
     # A file, plain or .gz, streams through TextLines (which names the file when reading

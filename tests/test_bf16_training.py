@@ -163,10 +163,9 @@ def test_the_bf16_encoder_lstm_runs_at_bucketed_shapes_and_computes_the_same(mon
     for precision in ("bf16", "fp32"):
         x_leaf = x.clone().requires_grad_()
         if precision == "bf16":
-            monkeypatch.setattr(torch, "lstm", recording)
-            with precision_context("bf16", torch.device("cpu")):
+            with monkeypatch.context() as patch, precision_context("bf16", torch.device("cpu")):
+                patch.setattr(torch, "lstm", recording)
                 out, (h, c) = rnn(x_leaf, lengths)
-            monkeypatch.setattr(torch, "lstm", lstm)
         else:
             out, (h, c) = rnn._packed_forward(x_leaf, lengths, None)
         gen = torch.Generator().manual_seed(7)
