@@ -143,7 +143,7 @@ class AttentionDecoder(nn.Module):
             return self._bahdanau_forward(emb, state, enc)
         # Luong with input feeding: s_t = RNN([E y_{t-1}; h̃_{t-1}], s_{t-1}), as `_step`.
         stepper = Stepper(self.rnn, emb)
-        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask, emb.size(1))
+        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask)
         outputs, attns = [], []
         hidden, feed = state.hidden, state.feed
         for t in range(emb.size(1)):
@@ -164,7 +164,7 @@ class AttentionDecoder(nn.Module):
         states, contexts, attns = [], [], []
         # The embeddings' share of the RNN input product runs for all steps at once.
         stepper = Stepper(self.rnn, emb)
-        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask, emb.size(1))
+        attend = AttentionSteps(self.attention, enc.keys, enc.memory, enc.mask)
         for t in range(emb.size(1)):
             context, attn = attend(_top(hidden))
             s, hidden = stepper.step(t, context, hidden)

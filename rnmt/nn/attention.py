@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from rnmt.nn.linear import Linear
-from rnmt.nn.scratch import ScratchBuffer
 from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 SCORES = ("bahdanau", "dot", "general", "concat")
@@ -60,9 +59,6 @@ class Attention(nn.Module):
             self.query_proj = Linear(query_dim, attn_dim, bias=False)
             self.key_proj = Linear(memory_dim, attn_dim, bias=True)
             self.v = nn.Linear(attn_dim, 1, bias=False)
-            # The activations of the CPU training steps (`AttentionSteps`), kept between
-            # batches; not a weight.
-            self.scratch = ScratchBuffer()
         elif score == "general":
             self.key_proj = Linear(memory_dim, query_dim, bias=False)
         elif query_dim != memory_dim:
@@ -173,15 +169,16 @@ class AttentionSteps:
     """Attention at every step of one teacher-forced pass over the same memory: a decoder
     whose query at step t depends on step t-1 (Bahdanau; Luong with input feeding) calls
     it once per step. Shapes: query (batch, query_dim) -> context (batch, memory_dim),
-    weights (batch, src_len); at most `steps` calls.
+    weights (batch, src_len).
 
     With the additive score in fp32 CPU training, each step is one `_AdditiveStep`, and
     what the steps share goes through one `_MemoryGradient` node:
 
-    - the steps' (batch, src_len, attn) activations a_t = σ(q_t + k_j) are written into
-      one buffer the module keeps between batches (`ScratchBuffer`), not into fresh
-      memory at every step (it stays at the longest batch's size: ~245 MB for the
-      reference model on Multi30k, memory that autograd would hold during that batch);
+    - a step's (batch, src_len, attn) activation a_t = σ(q_t + k_j) is not kept for the
+      backward pass: the step's forward computes it into one buffer of the pass, and its
+      backward computes it again there from q_t (two more passes over it). Kept, the
+      steps' activations took ~245 MB at the reference model's longest Multi30k batch;
+      computed again, a step's stays in the CPU's caches between the passes that use it;
     - a step's backward folds v into the sums: with g = ∂L/∂scores (batch, src_len) and
       a' = a ⊙ (1 - a),
 
@@ -189,7 +186,7 @@ class AttentionSteps:
           ∂L/∂k_j = 2 v ⊙ Σ_t g_tj a'_tj         (summed into one tensor U, v applied once)
           ∂L/∂v   = 2 Σ_t Σ_j g_tj a_tj
 
-      seven passes over activation-sized tensors per step, where `_AdditiveScores` and
+      nine passes over activation-sized tensors per step, where `_AdditiveScores` and
       autograd's sums over steps took about twenty;
     - the memory's gradient through the context, Σ_t a_tᵀ ∂L/∂c_t, is one bmm over all
       steps at the end instead of one outer product (a bmm with an inner size of 1) and a
@@ -202,13 +199,12 @@ class AttentionSteps:
     step is `Attention.forward`. Same numbers up to rounding either way.
     """
 
-    def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor,
-                 steps: int) -> None:
+    def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor
+                 ) -> None:
         self.attention, self.keys, self.memory, self.mask = attention, keys, memory, mask
         self.fast = attention.additive and cpu_training_products(memory) is not None
         if self.fast:
-            self._pass = _Pass(keys, memory, mask, attention.v.weight, steps,
-                               attention.scratch)
+            self._pass = _Pass(keys, memory, mask, attention.v.weight)
             with cpu_autocast_off():
                 self._token = _MemoryGradient.apply(keys, memory, attention.v.weight,
                                                     self._pass)
@@ -223,22 +219,22 @@ class AttentionSteps:
 
 class _Pass:
     """What the steps of one pass share: the doubled keys, the memory, the mask, 2v (the
-    score's factor 2 folded in once), the activation buffer (steps, batch, src_len, attn),
-    and the gradients summed over steps."""
+    score's factor 2 folded in once), the buffer a step's activation (batch, src_len,
+    attn) is computed into, and the gradients summed over steps."""
 
-    def __init__(self, keys: Tensor, memory: Tensor, mask: Tensor, v: Tensor, steps: int,
-                 scratch: ScratchBuffer) -> None:
+    def __init__(self, keys: Tensor, memory: Tensor, mask: Tensor, v: Tensor) -> None:
         self.keys, self.memory = keys.detach().float(), memory.detach().float()
         self.v2 = v.detach().view(-1) * 2.0
         self.masked = ~mask
-        self.scratch = scratch
-        self.steps = steps
-        self.hidden: Tensor | None = None  # taken from `scratch` by `_MemoryGradient`
-        self.t = 0
+        self.activation = torch.empty_like(self.keys)
         self.sum_ga: Tensor | None = None  # U = Σ_t g_t ⊙ a'_t (batch, src_len, attn)
         self.grad_v = self.v2.new_zeros(self.v2.shape)
         self.weights: list[Tensor] = []  # a_t and ∂L/∂c_t of the steps backward reached
         self.grad_context: list[Tensor] = []
+
+    def sigma(self, q: Tensor) -> Tensor:
+        """a = σ(q + k_j) for the step's doubled query q (batch, attn), in the buffer."""
+        return torch.add(self.keys, q.unsqueeze(1), out=self.activation).sigmoid_()
 
 
 class _MemoryGradient(torch.autograd.Function):
@@ -250,14 +246,11 @@ class _MemoryGradient(torch.autograd.Function):
     def forward(ctx, keys: Tensor, memory: Tensor, v: Tensor, shared: _Pass  # type: ignore[override]
                 ) -> Tensor:
         ctx.shared = shared
-        # Lent to this node: freed by its backward, or with the graph if none runs.
-        shared.hidden = shared.scratch.take((shared.steps, *keys.shape), shared.keys, ctx)
         return keys.new_zeros(())
 
     @staticmethod
     def backward(ctx, _: Tensor):  # type: ignore[override]
         shared: _Pass = ctx.shared
-        shared.scratch.release()
         grad_keys = grad_memory = None
         if shared.sum_ga is not None:
             grad_keys = shared.sum_ga.mul_(shared.v2)
@@ -272,33 +265,26 @@ class _MemoryGradient(torch.autograd.Function):
 
 class _AdditiveStep(torch.autograd.Function):
     """One step: q (batch, attn), the doubled query projection -> context (batch,
-    memory_dim), weights (batch, src_len). Backward as in `AttentionSteps`; it turns the
-    step's activation into a' in place (one backward per forward)."""
+    memory_dim), weights (batch, src_len). Backward as in `AttentionSteps`, from the
+    step's q and weights: it computes the activation again and turns it into a' in place."""
 
     @staticmethod
     def forward(ctx, q: Tensor, token: Tensor, shared: _Pass  # type: ignore[override]
                 ) -> tuple[Tensor, Tensor]:
-        keys = shared.keys
-        assert shared.hidden is not None
-        if shared.t >= shared.steps:
-            raise RuntimeError(f"AttentionSteps called more than its {shared.steps} steps")
-        a = torch.add(keys, q.unsqueeze(1), out=shared.hidden[shared.t]).sigmoid_()
-        ctx.t, ctx.shared = shared.t, shared
-        shared.t += 1
+        a = shared.sigma(q)
+        ctx.shared = shared
         scores = torch.mv(a.view(-1, a.size(-1)), shared.v2).view(a.shape[:2])
         weights = torch.softmax(scores.masked_fill_(shared.masked, float("-inf")), dim=-1)
         context = torch.bmm(weights.unsqueeze(1), shared.memory).squeeze(1)
-        ctx.save_for_backward(weights)
+        ctx.save_for_backward(weights, q)
         ctx.set_materialize_grads(False)
         return context, weights
 
     @staticmethod
     def backward(ctx, grad_context: Tensor | None, grad_weights: Tensor | None  # type: ignore[override]
                  ):
-        (weights,) = ctx.saved_tensors
+        weights, q = ctx.saved_tensors
         shared: _Pass = ctx.shared
-        assert shared.hidden is not None
-        a = shared.hidden[ctx.t]  # (batch, src_len, attn)
         grad_w = grad_weights  # ∂L/∂w, from the weights themselves and through the context
         if grad_context is not None:
             grad_context = grad_context.contiguous()
@@ -310,6 +296,7 @@ class _AdditiveStep(torch.autograd.Function):
             return None, None, None
         # softmax: ∂L/∂s_j = w_j (∂L/∂w_j - Σ_i w_i ∂L/∂w_i); 0 where masked (w = 0)
         g = weights * (grad_w - (weights * grad_w).sum(-1, keepdim=True))  # (batch, src_len)
+        a = shared.sigma(q)  # (batch, src_len, attn), as the forward had it
         shared.grad_v.addmv_(a.view(-1, a.size(-1)).t(), g.view(-1))
         a_prime = a.addcmul_(a, a, value=-1.0)  # a(1 - a), in place
         grad_q = torch.bmm(g.unsqueeze(1), a_prime).squeeze(1).mul_(shared.v2)

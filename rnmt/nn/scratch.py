@@ -1,8 +1,8 @@
 """A scratch tensor that a training kernel reuses from batch to batch.
 
-The CPU training kernels (`rnmt.nn.loss.VocabularyLoss`, the attention's
-`rnmt.nn.attention.AttentionSteps`) write their largest activations, tens to hundreds of
-megabytes per batch, into storage the model keeps, instead of asking for it afresh. Freshly
+The CPU training kernel of the vocabulary layer (`rnmt.nn.loss.VocabularyLoss`) writes its
+largest activations, tens of megabytes per batch, into storage the model keeps, instead of
+asking for it afresh. Freshly
 allocated memory that large comes from the kernel as new zeroed pages (glibc hands
 allocations above its mmap threshold, at most 32 MB, straight to mmap), and on the
 development machine those page faults cost as much as the arithmetic that fills the pages.
