@@ -46,9 +46,11 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _linear(x: Tensor, packed: Tensor) -> Tensor:
-    """x Wᵀ for x (rows, in) with W reordered by `_reorder_linear_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x Wᵀ (+ b) for x (rows, in) and W (out, in), reordered by `_reorder` or as it is
+    (oneDNN then reorders it for the call), in x's dtype; an fp32 bias is added to the
+    fp32 sums before they are rounded to that dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _reorder(weight: Tensor) -> Tensor:
@@ -197,14 +199,14 @@ class _StepProduct(torch.autograd.Function):
         ctx.shared = shared
         operand = _operand(x, shared)
         shared.inputs.append(operand)
-        return _linear(operand, shared.packed)[: x.size(0)].to(x.dtype)
+        return onednn_linear(operand, shared.packed)[: x.size(0)].to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         shared: _Pass = ctx.shared
         operand = _operand(grad, shared)
         shared.grads.append(operand)
-        dx = _linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
+        dx = onednn_linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
         return dx, grad.new_zeros(()), None
 
 
