@@ -2,10 +2,10 @@
 
 The CPU training kernel of the vocabulary layer (`rnmt.nn.loss.VocabularyLoss`) writes its
 largest activations, tens of megabytes per batch, into storage the model keeps, instead of
-asking for it afresh. Freshly
-allocated memory that large comes from the kernel as new zeroed pages (glibc hands
-allocations above its mmap threshold, at most 32 MB, straight to mmap), and on the
-development machine those page faults cost as much as the arithmetic that fills the pages.
+asking for it afresh. Freshly allocated memory that large comes from the kernel as new
+zeroed pages (glibc hands allocations above its mmap threshold, at most 32 MB, straight to
+mmap), and on the development machine those page faults cost as much as the arithmetic that
+fills the pages.
 """
 
 from __future__ import annotations
