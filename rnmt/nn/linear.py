@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnmt.nn.onednn import onednn_linear, onednn_runs, pad_rows
+from rnmt.nn.onednn import biased_product, pad_rows
 from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 
@@ -27,17 +27,11 @@ class _PaddedLinear(torch.autograd.Function):
                 dtype: torch.dtype) -> Tensor:
         flat = x.reshape(-1, x.size(-1))
         operand, w = pad_rows(flat, dtype), weight.to(dtype)
-        # On oneDNN the bias joins the fp32 sums, and the result needs one conversion pass:
-        # a broadcast add from bf16 into fp32 takes about twice as long.
-        fused = onednn_runs(dtype)
-        y = (onednn_linear(operand, w, bias) if fused else operand @ w.t())[: flat.size(0)]
+        y = biased_product(operand, w, bias)[: flat.size(0)]
         # Written into a tensor of the output's shape: a view returned from here could not
         # be modified in place (`Attention.keys` doubles its keys so).
         out = flat.new_empty((*x.shape[:-1], weight.size(0)), dtype=torch.float32)
-        if bias is None or fused:
-            out.view_as(y).copy_(y)
-        else:
-            torch.add(bias, y, out=out.view_as(y))
+        out.view_as(y).copy_(y)
         ctx.save_for_backward(operand, w)
         ctx.shape, ctx.has_bias = x.shape, bias is not None
         ctx.dtypes = (x.dtype, weight.dtype)

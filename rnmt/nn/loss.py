@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnmt.nn.onednn import onednn_linear, onednn_runs, pad_rows
+from rnmt.nn.onednn import biased_product, pad_rows
 from rnmt.nn.scratch import ScratchBuffer
 from rnmt.precision import cpu_autocast_off, cpu_training_products
 
@@ -96,13 +96,7 @@ class VocabularyLoss(torch.autograd.Function):
             torch.addmm(bias, o, weight.t(), out=log_p)
         else:
             o, weight = pad_rows(o, products), weight.to(products)
-            if onednn_runs(products):
-                # The bias joins the fp32 sums inside oneDNN, and the bf16 logits need one
-                # conversion pass into the buffer: a broadcast add from bf16 into fp32 took
-                # twice as long (12 ms a batch of the reference model).
-                log_p.copy_(onednn_linear(o, weight, bias)[:rows])
-            else:
-                torch.add(bias, (o @ weight.t())[:rows], out=log_p)
+            log_p.copy_(biased_product(o, weight, bias)[:rows])
         # In place: the CPU kernel finishes each row's max and sum before writing the row.
         torch.log_softmax(log_p, 1, out=log_p)
         keep = target != pad
