@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rnmt.nn.attention import Attention, AttentionSteps
+from rnmt.nn.onednn import onednn_runs
 
 
 def _inputs(batch: int = 3, steps: int = 4, src_len: int = 6, dim: int = 10):
@@ -109,15 +110,22 @@ def _step_through(attention: Attention, query, memory, mask):
     steps = AttentionSteps(attention, attention.keys(memory), memory, mask)
     outputs = [steps(query[:, t]) for t in range(query.size(1))]
     return (torch.stack([c for c, _ in outputs], 1), torch.stack([w for _, w in outputs], 1),
-            steps.fast)
+            steps.fast and (steps.query_product is not None) == onednn_runs(torch.float32))
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("score", ["bahdanau", "concat"])
-def test_training_steps_on_the_cpu_give_the_gradients_of_the_plain_attention(score):
+def test_training_steps_on_the_cpu_give_the_gradients_of_the_plain_attention(score, onednn):
     """fp32 training on the CPU: the steps run `_AdditiveStep` (activations in the module's
-    buffer, the memory's gradient summed at the end). Against `Attention.forward` step by
-    step in float64: contexts, weights and the gradients of the query, the memory and every
+    buffer, the memory's gradient summed at the end), their queries one `RecurrentProduct`
+    (or, oneDNN switched off, `Linear` per step). Against `Attention.forward` step by step
+    in float64: contexts, weights and the gradients of the query, the memory and every
     parameter, with a loss on the weights too (so both outputs carry a gradient)."""
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        _check_training_steps(score)
+
+
+def _check_training_steps(score: str) -> None:
     query, memory, mask = _inputs(steps=5)
     attention = Attention(score, 10, 10, 8)
     with torch.no_grad():
