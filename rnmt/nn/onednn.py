@@ -162,10 +162,10 @@ def pad_rows(x: Tensor, dtype: torch.dtype, size: int | None = None) -> Tensor:
 
 
 class _Pass:
-    """What the steps of one forward/backward pass share: W reordered for the forward
-    products, Wᵀ for the backward ones (reordered at the first backward step), both in the
-    product dtype, and every step's (x_t, dy_t), in the product dtype (bf16: padded by
-    `pad_rows`), until the weight's gradient is formed."""
+    """What the steps of one forward/backward pass share: W in the product dtype, as it is
+    and reordered for the forward products; in bf16, Wᵀ reordered for the backward ones
+    (at the first backward step); and every step's (x_t, dy_t), in the product dtype
+    (bf16: padded by `pad_rows`), until the weight's gradient is formed."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         self.dtype, self.weight_dtype = dtype, weight.dtype
@@ -204,7 +204,7 @@ class _WeightGradient(torch.autograd.Function):
 
 
 class _StepProduct(torch.autograd.Function):
-    """y_t = x_t Wᵀ; backward dx_t = dy_t W (oneDNN), and dy_t kept for `_WeightGradient`.
+    """y_t = x_t Wᵀ; backward dx_t = dy_t W, and dy_t kept for `_WeightGradient`.
     x_t and dy_t are rounded to the product dtype, y_t and dx_t come back in x_t's."""
 
     @staticmethod
@@ -219,6 +219,8 @@ class _StepProduct(torch.autograd.Function):
         shared: _Pass = ctx.shared
         operand = _operand(grad, shared)
         shared.grads.append(operand)
+        if shared.dtype == torch.float32:  # W as it is: see `RecurrentProduct`
+            return operand @ shared.weight, grad.new_zeros(()), None
         dx = onednn_linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
         return dx, grad.new_zeros(()), None
 
@@ -241,7 +243,11 @@ class RecurrentProduct:
     (rows, in) -> (rows, out), the same rows at every step.
 
     - forward: oneDNN, W reordered once per pass;
-    - backward of each step: dx_t = dy_t W, oneDNN, Wᵀ reordered once per pass;
+    - backward of each step: dx_t = dy_t W; in bf16 on oneDNN, Wᵀ reordered once per pass;
+      in fp32 a plain product with W as it is: there the transposed copy and reorder of
+      the decoder's (2048, 1024) Wᵀ took ~11 ms a batch, more than the reordered
+      products saved (in one process over 60 pairs of reference-model training batches,
+      dropping it: 1.014× and 1.020× the speed in two runs);
     - the weight's gradient dW = Σ_t dy_tᵀ x_t: one product whose inner size is all steps'
       rows, instead of one per step of inner size `rows` plus a running sum. On the
       reference model (71 rows, 1024 -> 2048) the per-step products ran at ~50 GFLOP/s,
