@@ -163,23 +163,17 @@ def pad_rows(x: Tensor, dtype: torch.dtype, size: int | None = None) -> Tensor:
 
 class _Pass:
     """What the steps of one forward/backward pass share: W in the product dtype, as it is
-    and reordered for the forward products; in bf16, Wᵀ reordered for the backward ones
-    (at the first backward step); and every step's (x_t, dy_t), in the product dtype
-    (bf16: padded by `pad_rows`), until the weight's gradient is formed."""
+    (for the backward products) and reordered (for the forward ones), and every step's
+    (x_t, dy_t), in the product dtype (bf16: padded by `pad_rows`), until the weight's
+    gradient is formed."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         self.dtype, self.weight_dtype = dtype, weight.dtype
         self.pad = dtype == torch.bfloat16  # fp32 runs unpadded: its kernels build fast
         self.weight = weight.detach().to(dtype)
         self.packed = _reorder(self.weight)
-        self._packed_t: Tensor | None = None
         self.inputs: list[Tensor] = []
         self.grads: list[Tensor] = []  # in backward order: last step first
-
-    def packed_t(self) -> Tensor:
-        if self._packed_t is None:
-            self._packed_t = _reorder(self.weight.t())
-        return self._packed_t
 
 
 class _WeightGradient(torch.autograd.Function):
@@ -219,9 +213,7 @@ class _StepProduct(torch.autograd.Function):
         shared: _Pass = ctx.shared
         operand = _operand(grad, shared)
         shared.grads.append(operand)
-        if shared.dtype == torch.float32:  # W as it is: see `RecurrentProduct`
-            return operand @ shared.weight, grad.new_zeros(()), None
-        dx = onednn_linear(operand, shared.packed_t())[: grad.size(0)].to(grad.dtype)
+        dx = (operand @ shared.weight)[: grad.size(0)].to(grad.dtype)  # W as it is
         return dx, grad.new_zeros(()), None
 
 
@@ -243,11 +235,13 @@ class RecurrentProduct:
     (rows, in) -> (rows, out), the same rows at every step.
 
     - forward: oneDNN, W reordered once per pass;
-    - backward of each step: dx_t = dy_t W; in bf16 on oneDNN, Wᵀ reordered once per pass;
-      in fp32 a plain product with W as it is: there the transposed copy and reorder of
-      the decoder's (2048, 1024) Wᵀ took ~11 ms a batch, more than the reordered
-      products saved (in one process over 60 pairs of reference-model training batches,
-      dropping it: 1.014× and 1.020× the speed in two runs);
+    - backward of each step: dx_t = dy_t W, a plain product with W as it is. A reordered
+      Wᵀ made each step's product a little faster, but its transposed copy and reorder
+      took ~11 ms a batch in fp32 for the decoder's (2048, 1024) weight, more than the
+      steps saved: without it, in one process over 60 pairs of reference-model training
+      batches, 1.014× and 1.020× the speed in fp32, 1.008× and 1.014× in bf16 (Xeon with
+      AMX; on an AVX2 CPU, whose fp32 MKL products ran slower than oneDNN's in the table
+      above, fp32 may lose instead: not measured there);
     - the weight's gradient dW = Σ_t dy_tᵀ x_t: one product whose inner size is all steps'
       rows, instead of one per step of inner size `rows` plus a running sum. On the
       reference model (71 rows, 1024 -> 2048) the per-step products ran at ~50 GFLOP/s,
