@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from rnmt.nn.linear import Linear
-from rnmt.nn.onednn import RecurrentProduct, onednn_runs
+from rnmt.nn.onednn import RecurrentProduct, recurrent_product_dtype
 from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 SCORES = ("bahdanau", "dot", "general", "concat")
@@ -191,8 +191,7 @@ class AttentionSteps:
       autograd's sums over steps took about twenty;
     - the memory's gradient through the context, Σ_t a_tᵀ ∂L/∂c_t, is one bmm over all
       steps at the end instead of one outer product (a bmm with an inner size of 1) and a
-      running sum per step.
-
+      running sum per step;
     - the query projection 2 W_q q_t of every step is one `RecurrentProduct` for the pass
       (as `rnmt.nn.rnn.Stepper`'s recurrent product): W_q reordered (and in bf16 cast)
       once, dW_q one product over all steps' rows. Measured against `rnmt.nn.linear` per
@@ -210,16 +209,15 @@ class AttentionSteps:
     def __init__(self, attention: Attention, keys: Tensor, memory: Tensor, mask: Tensor
                  ) -> None:
         self.attention, self.keys, self.memory, self.mask = attention, keys, memory, mask
-        products = cpu_training_products(memory)
-        self.fast = attention.additive and products is not None
+        self.fast = attention.additive and cpu_training_products(memory) is not None
         self.query_product: RecurrentProduct | None = None  # 2 W_q q_t, doubled like keys
         if self.fast:
-            assert products is not None
             self._pass = _Pass(keys, memory, mask, attention.v.weight)
+            products = recurrent_product_dtype(memory)
             with cpu_autocast_off():
                 self._token = _MemoryGradient.apply(keys, memory, attention.v.weight,
                                                     self._pass)
-                if onednn_runs(products):
+                if products is not None:
                     self.query_product = RecurrentProduct(attention.query_proj.weight * 2.0,
                                                           products)
 

@@ -25,7 +25,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from rnmt.precision import cpu_autocast_off
+from rnmt.precision import cpu_autocast_off, cpu_training_products
 
 
 def row_bucket(rows: int) -> int:
@@ -227,6 +227,14 @@ def _with_zero_rows(parts: list[Tensor]) -> list[Tensor]:
 def _operand(x: Tensor, shared: _Pass) -> Tensor:
     """x as the pass's products take it: in their dtype, padded where that is bf16."""
     return pad_rows(x, shared.dtype) if shared.pad else x.contiguous()
+
+
+def recurrent_product_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype a `RecurrentProduct` in a training pass over x multiplies in
+    (`cpu_training_products`), or None where it cannot run (no oneDNN, switched off, no
+    bf16 kernels)."""
+    dtype = cpu_training_products(x)
+    return dtype if dtype is not None and onednn_runs(dtype) else None
 
 
 class RecurrentProduct:

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rnmt.nn import cells
 from rnmt.nn.dropout import dropout as apply_dropout
 from rnmt.nn.linear import linear
-from rnmt.nn.onednn import RecurrentProduct, onednn_runs, training_rows
+from rnmt.nn.onednn import RecurrentProduct, recurrent_product_dtype, training_rows
 from rnmt.precision import cpu_training_products
 
 State = Tensor | tuple[Tensor, Tensor]
@@ -297,8 +297,8 @@ class Stepper:
     def __init__(self, rnn: nn.Module, known: Tensor) -> None:
         """rnn: an `RNN`, or any module with its `step` (`rnmt.step_layers.StepRecurrent`)."""
         self.rnn = rnn
-        products = (_onednn_trains(known) if isinstance(rnn, RNN) and rnn.cell == "lstm"
-                    and rnn.impl == "fused" else None)
+        fused_lstm = isinstance(rnn, RNN) and rnn.cell == "lstm" and rnn.impl == "fused"
+        products = recurrent_product_dtype(known) if fused_lstm else None
         self.fast = products is not None
         if not self.fast:
             self.known = known.unbind(1)  # unbind: its backward stacks the steps' grads once
@@ -328,14 +328,6 @@ class Stepper:
 
         return step_stack(step_layer, self.rnn.num_layers, rest, state,
                           self.rnn.layer.dropout, self.rnn.training)
-
-
-def _onednn_trains(x: Tensor) -> torch.dtype | None:
-    """The dtype per-step products of a training pass over x multiply in on oneDNN
-    (`cpu_training_products`), or None where they cannot (no oneDNN, switched off, no
-    bf16 kernels)."""
-    dtype = cpu_training_products(x)
-    return dtype if dtype is not None and onednn_runs(dtype) else None
 
 
 def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: int, x: Tensor,
