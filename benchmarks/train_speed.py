@@ -22,6 +22,7 @@ import torch
 
 from rnmt.data import TokenBatchSampler, collate
 from rnmt.errors import ConfigError
+from rnmt.heap import keep_freed_memory
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.optim import build_optimizer
@@ -48,6 +49,7 @@ def main() -> None:
     if warning:
         print(f"warning: {warning}")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as rnmt train does
     torch.manual_seed(1)
     meta, data = load_data(args.data, "train")
     src_vocab, tgt_vocab = load_vocabularies(args.data, meta)

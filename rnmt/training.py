@@ -65,6 +65,7 @@ from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
 from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError
+from rnmt.heap import keep_freed_memory
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
 from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer
@@ -407,6 +408,7 @@ class Trainer:
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
         if config.threads:
             torch.set_num_threads(config.threads)
+        keep_freed_memory()  # every batch reuses the last one's pages (rnmt.heap)
         self.device = self.dist.device
         self.precision_warning = check_precision(config.precision, self.device)
         self.meta, self.train_data = load_data(data_dir, "train")
