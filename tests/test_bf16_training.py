@@ -1,6 +1,6 @@
 """`--precision bf16` training on a CPU with bf16 matrix units (AMX, AVX512-BF16): the CPU
-training kernels (`RecurrentProduct`, `VocabularyLoss`, `Stepper`, `AttentionSteps`)
-multiply in bf16 and keep everything else, and the gradients, in fp32."""
+training kernels (`RecurrentProduct`, `VocabularyLoss`, `Stepper`, `AttentionSteps`,
+`lstm_layer_bf16`) multiply in bf16 and keep everything else, and the gradients, in fp32."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 from conftest import through_recurrence
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.attention import AttentionSteps
+from rnmt.nn import rnn as rnn_module
 from rnmt.nn.loss import VocabularyLoss
+from rnmt.nn.lstm_layer import lstm_layer_bf16
 from rnmt.nn.onednn import RecurrentProduct, onednn_runs, pad_rows, training_rows
 from rnmt.nn.rnn import RNN, Stepper
 from rnmt.nn.scratch import ScratchBuffer
@@ -144,27 +146,26 @@ def test_bf16_training_takes_the_cpu_kernels_and_gives_the_fp32_gradients(monkey
 
 @needs_bf16_units
 def test_the_bf16_encoder_lstm_runs_at_bucketed_shapes_and_computes_the_same(monkeypatch):
-    """In bf16 training the dense LSTM kernel sees 8 rows and a multiple of 8 steps for a
-    batch of 5 × 11 (oneDNN keeps one kernel per shape); the outputs, final states and
-    gradients are the fp32 packed LSTM's to bf16 precision, whatever the extra rows and
-    steps held."""
+    """In bf16 training the encoder's LSTM layer (`lstm_layer_bf16`) sees 8 rows and a
+    multiple of 8 steps for a batch of 5 × 11 (oneDNN keeps one kernel per shape); the
+    outputs, final states and gradients are the fp32 packed LSTM's to bf16 precision,
+    whatever the extra rows and steps held."""
     torch.manual_seed(0)
     rnn = RNN("lstm", 6, 5, 1, True).train()
     lengths = torch.tensor([11, 1, 4, 9, 2])
     x = torch.randn(5, 11, 6)
     seen: list[tuple[int, ...]] = []
-    lstm = torch.lstm
 
     def recording(inputs, *args):
         seen.append(tuple(inputs.shape))
-        return lstm(inputs, *args)
+        return lstm_layer_bf16(inputs, *args)
 
     results = []
     for precision in ("bf16", "fp32"):
         x_leaf = x.clone().requires_grad_()
         if precision == "bf16":
             with monkeypatch.context() as patch, precision_context("bf16", torch.device("cpu")):
-                patch.setattr(torch, "lstm", recording)
+                patch.setattr(rnn_module, "lstm_layer_bf16", recording)
                 out, (h, c) = rnn(x_leaf, lengths)
         else:
             out, (h, c) = rnn._packed_forward(x_leaf, lengths, None)
@@ -172,10 +173,44 @@ def test_the_bf16_encoder_lstm_runs_at_bucketed_shapes_and_computes_the_same(mon
         loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in (out, h, c))
         grads = torch.autograd.grad(loss, [x_leaf, *rnn.parameters()])
         results.append(([out.float(), h.float(), c.float()], grads))
-    assert seen == [(8, 16, 7), (8, 16, 7)]  # both directions: 6 features and the pad one
+    assert seen == [(8, 16, 6), (8, 16, 6)]  # both directions
     (got, got_grads), (want, want_grads) = results
     assert [t.shape for t in got] == [t.shape for t in want] == [(5, 11, 10), (2, 5, 5), (2, 5, 5)]
     for a, b in zip(got, want):
         assert _relative_error(a, b) < 2e-2
     for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.float32 and _relative_error(a, b) < 3e-2
+
+
+@needs_bf16_units
+def test_the_bf16_lstm_layer_is_torchs_lstm_to_bf16_precision_and_holds_padding_inert():
+    """`lstm_layer_bf16` from an initial state over rows padded after their lengths: the
+    outputs at real positions, the last c (that of each row's last real position) and the
+    gradients of x, h0, c0 and every weight are the fp32 torch LSTM's over each row's real
+    part, to bf16 precision; the padding's inputs get no gradient."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 5, batch_first=True)
+    lengths = [7, 3, 1]
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    h0, c0 = (torch.randn(3, 5, requires_grad=True) for _ in range(2))
+    weights = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+    padded = torch.arange(7)[None, :] >= torch.tensor(lengths)[:, None]
+    out, c = lstm_layer_bf16(x, padded, (h0, c0), *weights)
+    assert out.dtype == torch.bfloat16 and c.dtype == torch.float32
+    gen = torch.Generator().manual_seed(1)
+    g_out, g_c = torch.randn(3, 7, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    loss = (out.float() * g_out * ~padded.unsqueeze(-1)).sum() + (c * g_c).sum()
+    got = torch.autograd.grad(loss, [x, h0, c0, *weights])
+    want_out, want_c, want_loss = [], [], 0.0
+    for row, n in enumerate(lengths):
+        o, (_, c_n) = lstm(x[row : row + 1, :n], (h0[None, row : row + 1], c0[None, row : row + 1]))
+        want_out.append(o[0])
+        want_c.append(c_n[0, 0])
+        want_loss = want_loss + (o[0] * g_out[row, :n]).sum() + (c_n[0, 0] * g_c[row]).sum()
+    want = torch.autograd.grad(want_loss, [x, h0, c0, *weights])
+    for row, n in enumerate(lengths):
+        assert _relative_error(out[row, :n].float(), want_out[row]) < 2e-2
+    assert _relative_error(c, torch.stack(want_c)) < 2e-2
+    assert torch.all(got[0][padded] == 0)
+    for a, b in zip(got, want):
         assert a.dtype == torch.float32 and _relative_error(a, b) < 3e-2

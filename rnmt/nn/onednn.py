@@ -47,7 +47,7 @@ def row_bucket(rows: int) -> int:
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x Wᵀ (+ b) for x (rows, in) and W (out, in), reordered by `_reorder` or as it is
+    """x Wᵀ (+ b) for x (rows, in) and W (out, in), reordered by `reorder_weight` or as it is
     (oneDNN then reorders it for the call), in x's dtype; an fp32 bias is added to the
     fp32 sums before they are rounded to that dtype."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -66,7 +66,7 @@ def biased_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else torch.add(bias, y)
 
 
-def _reorder(weight: Tensor) -> Tensor:
+def reorder_weight(weight: Tensor) -> Tensor:
     """W (out, in) in oneDNN's blocked layout. The row-count hint (None) only tunes the
     blocking; any number of rows runs."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
@@ -89,7 +89,7 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
-        self._packed = _reorder(weight.detach().cpu().to(dtype))
+        self._packed = reorder_weight(weight.detach().cpu().to(dtype))
         self._bias = None if bias is None else bias.detach().float().cpu().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,7 +171,7 @@ class _Pass:
         self.dtype, self.weight_dtype = dtype, weight.dtype
         self.pad = dtype == torch.bfloat16  # fp32 runs unpadded: its kernels build fast
         self.weight = weight.detach().to(dtype)
-        self.packed = _reorder(self.weight)
+        self.packed = reorder_weight(self.weight)
         self.inputs: list[Tensor] = []
         self.grads: list[Tensor] = []  # in backward order: last step first
 

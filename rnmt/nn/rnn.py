@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rnmt.nn import cells
 from rnmt.nn.dropout import dropout as apply_dropout
 from rnmt.nn.linear import linear
+from rnmt.nn.lstm_layer import SATURATE, lstm_layer_bf16
 from rnmt.nn.onednn import RecurrentProduct, recurrent_product_dtype, training_rows
 from rnmt.precision import cpu_training_products
 
@@ -148,19 +149,25 @@ class RNN(nn.Module):
         Gradients are the packed LSTM's too: at padded positions σ'(±SATURATE) = 0, so no
         gradient reaches the gates there, and dc passes through f = 1 unchanged.
 
-        In bf16 (CPU autocast) the kernel runs at a few shapes only: rows up to
-        `training_rows(batch)` (extra rows of length 1, dropped after), steps up to a
-        multiple of 8 (more inert padding). oneDNN builds and keeps a kernel per shape it
-        meets, and training batches seldom repeat one: the reference model's Multi30k
-        batches have 80 (batch, steps) shapes. Over 350 updates of it, the same validation
+        In bf16 CPU training (`cpu_training_products`, with oneDNN's bf16 products) each
+        direction is `rnmt.nn.lstm_layer.lstm_layer_bf16` instead, which holds the padding
+        inert the same way (the pre-activations themselves pinned, no extra feature) and
+        ran the reference model's 350 updates 1.09× faster than oneDNN's bf16 LSTM kernel.
+        Its products run at a few shapes only: rows up to `training_rows(batch)` (extra
+        rows of length 1, dropped after), steps up to a multiple of 8 (more inert padding).
+        oneDNN builds and keeps a kernel per shape it meets, and training batches seldom
+        repeat one: the reference model's Multi30k batches have 80 (batch, steps) shapes.
+        (Measured with oneDNN's LSTM kernel over 350 updates, the same validation
         perplexity: bf16 peak RSS about 150 MB lower at the same speed (docs/training.md,
         Memory); fp32 1,401 -> 1,344 MB but 4% slower (4,142 -> 3,969 target tokens/s),
-        so fp32 runs at the batch's own shape.
+        so fp32 runs at the batch's own shape.)
         Shapes as `forward`.
         """
         real_batch, real_steps, _ = x.shape
         batch, steps = real_batch, real_steps
-        if cpu_training_products(x) == torch.bfloat16:
+        products = cpu_training_products(x)
+        bf16_layer = products == torch.bfloat16 and recurrent_product_dtype(x) == products
+        if products == torch.bfloat16:
             batch, steps = training_rows(real_batch), -(-real_steps // 8) * 8
             x = F.pad(x, (0, 0, 0, steps - real_steps, 0, batch - real_batch))
             lengths = torch.cat([lengths, lengths.new_ones(batch - real_batch)])
@@ -179,20 +186,22 @@ class RNN(nn.Module):
 
         def run(k: int, reverse: bool, x: Tensor, initial: State) -> tuple[Tensor, State]:
             suffix = f"_l{k}" + ("_reverse" if reverse else "")
-            weights = [
-                torch.cat([getattr(self.layer, "weight_ih" + suffix), pad_weights], 1),
-                getattr(self.layer, "weight_hh" + suffix),
-                getattr(self.layer, "bias_ih" + suffix),
-                getattr(self.layer, "bias_hh" + suffix),
-            ]
+            weights = [getattr(self.layer, name + suffix)
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if not bf16_layer:  # the pad feature's column
+                weights[0] = torch.cat([weights[0], pad_weights], 1)
             inputs = _reverse_within(x, within) if reverse else x
             h0, c0 = initial
-            out, _, c = torch.lstm(torch.cat([inputs, pad_feature], -1),
-                                   (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1, 0.0,
-                                   self.training, False, True)
+            if bf16_layer:
+                out, c = lstm_layer_bf16(inputs, ~valid, initial, *weights)
+            else:
+                out, _, c = torch.lstm(torch.cat([inputs, pad_feature], -1),
+                                       (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1,
+                                       0.0, self.training, False, True)
+                c = c[0]
             h = out.gather(1, last).squeeze(1)
             out = _reverse_within(out, within) if reverse else out
-            return out * keep, (h, c[0])
+            return out * keep, (h, c)
 
         out, (h, c) = self._layer_by_layer(x, state, run)
         return out[:real_batch, :real_steps], (h[:, :real_batch], c[:, :real_batch])
@@ -356,11 +365,6 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
     if is_lstm:
         return x, (torch.stack(new_h), torch.stack(new_c))
     return x, torch.stack(new_h)
-
-
-# A gate pre-activation where σ is exactly 0 or 1 in fp32, bf16 and fp16 (σ(16) rounds to
-# 1 in fp32 already): `RNN._dense_lstm_forward` holds the LSTM state still with it.
-SATURATE = 1e4
 
 
 def _reverse_within(x: Tensor, within: Tensor) -> Tensor:
