@@ -277,24 +277,24 @@ class Batch:
         )
 
 
-def pad_sentences(sentences: Sequence[np.ndarray], prefix: int | None = None,
+def pad_sentences(sentences: Sequence[np.ndarray | Sequence[int]], prefix: int | None = None,
                   suffix: int | None = None) -> tuple[Tensor, Tensor]:
     """Sentences of ids -> (batch, max_len) long tensor padded with PAD, and their lengths."""
-    extra = (prefix is not None) + (suffix is not None)
-    lengths = torch.tensor([len(s) + extra for s in sentences], dtype=torch.long)
-    out = torch.full((len(sentences), int(lengths.max()) if len(sentences) else 0), PAD,
-                     dtype=torch.long)
-    for row, sentence in enumerate(sentences):
-        start = 0
+    start = int(prefix is not None)
+    sizes = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+    lengths = sizes + start + int(suffix is not None)
+    out = np.full((len(sentences), int(lengths.max(initial=0))), PAD, dtype=np.int64)
+    if len(sentences):
+        # Every id in one scatter: a loop of per-row slice copies took ~3.4 ms of each
+        # reference-model training batch (166 sentences, three calls), 1% of a bf16 step.
+        rows = np.repeat(np.arange(len(sentences)), sizes)
+        cols = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes) + start
+        out[rows, cols] = np.concatenate(sentences).astype(np.int64, copy=False)
         if prefix is not None:
-            out[row, 0] = prefix
-            start = 1
-        out[row, start : start + len(sentence)] = torch.from_numpy(
-            np.asarray(sentence, dtype=np.int64)
-        )
+            out[:, 0] = prefix
         if suffix is not None:
-            out[row, start + len(sentence)] = suffix
-    return out, lengths
+            out[np.arange(len(sentences)), sizes + start] = suffix
+    return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
 def collate(data: ParallelData, indices: Sequence[int]) -> Batch:

@@ -6,8 +6,10 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
-from rnmt.data import ParallelData, TokenArray, TokenArrayWriter, TokenBatchSampler, collate
+from rnmt.data import (ParallelData, TokenArray, TokenArrayWriter, TokenBatchSampler, collate,
+                       pad_sentences)
 from rnmt.errors import DataError
 from rnmt.preprocess import PreprocessConfig, preprocess
 from rnmt.text import read_lines
@@ -112,6 +114,22 @@ def test_collate_adds_bos_and_eos_and_pads():
     # the real target positions, indexed on the host in row order
     assert batch.real.tolist() == [0, 1, 4, 5, 6, 7]
     assert batch.real_targets().tolist() == [8, EOS, 9, 10, 11, EOS]
+
+
+@pytest.mark.parametrize("prefix,suffix", [(None, None), (BOS, None), (None, EOS), (BOS, EOS)])
+def test_pad_sentences_places_every_id_with_its_prefix_and_suffix(prefix, suffix):
+    """Arrays of any integer dtype or lists, an empty sentence among them: each row is
+    [prefix] ids [suffix], then PAD; lengths count the prefix and suffix."""
+    sentences = [np.array([5, 6, 7], dtype=np.int32), [], np.array([8], dtype=np.uint16), [9, 10]]
+    ids, lengths = pad_sentences(sentences, prefix=prefix, suffix=suffix)
+    rows = [([prefix] if prefix is not None else []) + [int(i) for i in s]
+            + ([suffix] if suffix is not None else []) for s in sentences]
+    width = max(len(r) for r in rows)
+    assert ids.dtype == lengths.dtype == torch.long
+    assert ids.tolist() == [r + [PAD] * (width - len(r)) for r in rows]
+    assert lengths.tolist() == [len(r) for r in rows]
+    empty, no_lengths = pad_sentences([], suffix=EOS)
+    assert empty.shape == (0, 0) and no_lengths.tolist() == []
 
 
 def test_written_token_arrays_load_with_numpy_and_with_the_loader(tmp_path):

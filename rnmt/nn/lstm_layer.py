@@ -61,8 +61,9 @@ def lstm_layer_bf16(x: Tensor, padded: Tensor, state: tuple[Tensor, Tensor],
     return out.transpose(0, 1), c
 
 
-def _tanh_rows_doubled(weight: Tensor) -> Tensor:
-    """weight (4 * hidden, ...) with its g rows (the third quarter) times 2."""
+def double_g_rows(weight: Tensor) -> Tensor:
+    """An LSTM weight or bias (4 * hidden, ...) in torch's gate order (i, f, g, o) with its
+    g rows times 2, for g = tanh(a_g) = 2σ(2 a_g) − 1 from the σ of all gates at once."""
     rows = weight.size(0) // 4
     scale = weight.new_ones(weight.size(0), *([1] * (weight.dim() - 1)))
     scale[2 * rows : 3 * rows] = 2.0
@@ -81,12 +82,12 @@ class _LSTMLayer(torch.autograd.Function):
         hidden = w_hh.size(1)
         inputs = x.to(bf16, memory_format=torch.contiguous_format).view(steps * batch, -1)
         w_ih16, w_hh16 = w_ih.detach().to(bf16), w_hh.detach().to(bf16)
-        pre = onednn_linear(inputs, reorder_weight(_tanh_rows_doubled(w_ih16)),
-                            _tanh_rows_doubled(bias.detach().float()))
+        pre = onednn_linear(inputs, reorder_weight(double_g_rows(w_ih16)),
+                            double_g_rows(bias.detach().float()))
         pre = pre.view(steps, batch, 4 * hidden)
         pre[..., :hidden].masked_fill_(padded.unsqueeze(-1), -SATURATE)
         pre[..., hidden : 2 * hidden].masked_fill_(padded.unsqueeze(-1), SATURATE)
-        recurrent = reorder_weight(_tanh_rows_doubled(w_hh16))
+        recurrent = reorder_weight(double_g_rows(w_hh16))
 
         gates = x.new_empty((steps, batch, 4 * hidden), dtype=torch.float32)
         cells = gates.new_empty((steps + 1, batch, hidden))
