@@ -1,11 +1,11 @@
 """One direction of an LSTM layer over a whole padded batch, for bf16 training on a CPU
 with bf16 matrix units (`--precision bf16`): the encoder's recurrence.
 
-Why not torch's own LSTM kernel under autocast: its oneDNN bf16 primitive ran the reference
-encoder (batch 160 × 24 steps, 256 → 256) at ~45 ms forward and backward per direction,
-about what the fp32 kernel takes, while the products inside it run 5-10× faster in bf16 on
-AMX than in fp32. Here the products are separate oneDNN/torch calls in bf16 (fp32
-accumulation) and everything else is fp32, step by step:
+Why not torch's own LSTM kernel under autocast: in training the reference model (256 → 256
+per direction), oneDNN's bf16 LSTM primitive took ~44 ms forward and backward per direction
+of a batch (profile of 10 batches), against ~39 ms for its fp32 kernel, while the products
+inside it run 5-10× faster in bf16 on AMX than in fp32. Here the products are separate
+oneDNN/torch calls in bf16 (fp32 accumulation) and everything else is fp32, step by step:
 
     a_t = W_ih x_t + b + W_hh h_{t-1}          all steps' W_ih x_t + b: one product
     i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
@@ -22,10 +22,11 @@ Backward, from the saved gates, cells and tanh(c_t), one step at a time (t = T-1
     da_i = dc_t ⊙ g ⊙ i(1−i)      da_f = dc_t ⊙ c_{t-1} ⊙ f(1−f)
     da_g = dc_t ⊙ i ⊙ (1−g²)      da_o = dh_t ⊙ tanh(c_t) ⊙ o(1−o)
 
-then dW_ih = Σ_t da_tᵀ x_t, dW_hh = Σ_t da_tᵀ h_{t-1}, db = Σ_t da_t and dx_t = W_ihᵀ da_t
-as four products over all steps' rows. The per-step work stays on (batch, 4·hidden) blocks
-that fit in the caches: the same factors computed once over the whole (steps, batch,
-hidden) tensors ran slower on 2 cores (memory-bound passes).
+then dW_ih = Σ_t da_tᵀ x_t, dW_hh = Σ_t da_tᵀ h_{t-1} and dx_t = W_ihᵀ da_t as three
+products over all steps' rows; db = Σ_t da_t is summed step by step in fp32. The per-step
+work stays on (batch, 4·hidden) blocks that fit in the caches: in a first version, each
+elementwise pass over whole (steps, batch, hidden) tensors took 0.5-1 ms on 2 cores
+(memory-bound), against ~5-10 µs for one step's block.
 
 Padding is held inert as in `rnmt.nn.rnn.RNN._dense_lstm_forward`: at a padded position
 the input and forget pre-activations are set to ∓SATURATE, so i = 0 and f = 1 exactly,
@@ -40,7 +41,8 @@ from torch import Tensor
 from rnmt.nn.onednn import onednn_linear, reorder_weight
 from rnmt.precision import cpu_autocast_off
 
-# A gate pre-activation where σ is exactly 0 or 1 in fp32 and bf16.
+# A gate pre-activation where σ is exactly 0 or 1 in fp32, bf16 and fp16 (σ(16) rounds to 1
+# in fp32 already): this layer and `RNN._dense_lstm_forward` hold the LSTM state still with it.
 SATURATE = 1e4
 
 
