@@ -27,8 +27,9 @@ fresh process each, the settings off and on alternately):
           wall time 76.8–81.9 s → 74.9–78.0 s, peak RSS 1,369–1,396 → 1,403–1,441 MB
 
 and over 350 updates, the median of the logged target tokens/s: fp32 4,608 → 4,778 (1.04×),
-bf16 7,097 → 7,295 (1.03×), peak RSS fp32 1,263 → 1,206 MB, bf16 1,352 → 1,462 MB. Smaller settings kept most of the faults (trim threshold
-256 MB, or a top pad of 16 MB: 1.9–2.1 M), larger ones did no better. Translation gained
+bf16 7,097 → 7,295 (1.03×), peak RSS fp32 1,263 → 1,206 MB, bf16 1,352 → 1,462 MB.
+Smaller settings kept most of the faults (trim threshold 256 MB, or a top pad of 16 MB:
+1.9–2.1 M), larger ones did no better. Translation gained
 nothing (whole-process time within noise, peak RSS 1–6 MB higher), so only training sets
 them.
 

@@ -165,9 +165,8 @@ class RNN(nn.Module):
         """
         real_batch, real_steps, _ = x.shape
         batch, steps = real_batch, real_steps
-        products = cpu_training_products(x)
-        bf16_layer = products == torch.bfloat16 and recurrent_product_dtype(x) == products
-        if products == torch.bfloat16:
+        bf16_layer = recurrent_product_dtype(x) == torch.bfloat16
+        if cpu_training_products(x) == torch.bfloat16:
             batch, steps = training_rows(real_batch), -(-real_steps // 8) * 8
             x = F.pad(x, (0, 0, 0, steps - real_steps, 0, batch - real_batch))
             lengths = torch.cat([lengths, lengths.new_ones(batch - real_batch)])
@@ -176,28 +175,29 @@ class RNN(nn.Module):
         hidden = self.hidden_size
         positions = torch.arange(steps)
         valid = positions[None, :] < lengths[:, None]  # (batch, steps)
-        pad_feature = (~valid).unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
+        padded = ~valid
+        pad_feature = padded.unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
         keep = 1.0 - pad_feature
         within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
-        pad_weights = x.new_zeros(4 * hidden, 1)  # torch's gate order: i, f, g, o
+        # The pad feature's weights, for torch's kernel (torch's gate order: i, f, g, o).
+        pad_weights = x.new_zeros(4 * hidden, 1)
         pad_weights[:hidden] = -SATURATE
         pad_weights[hidden : 2 * hidden] = SATURATE
 
         def run(k: int, reverse: bool, x: Tensor, initial: State) -> tuple[Tensor, State]:
             suffix = f"_l{k}" + ("_reverse" if reverse else "")
-            weights = [getattr(self.layer, name + suffix)
-                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if not bf16_layer:  # the pad feature's column
-                weights[0] = torch.cat([weights[0], pad_weights], 1)
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.layer, name + suffix) for name in names)
             inputs = _reverse_within(x, within) if reverse else x
-            h0, c0 = initial
             if bf16_layer:
-                out, c = lstm_layer_bf16(inputs, ~valid, initial, *weights)
+                out, c = lstm_layer_bf16(inputs, padded, initial, w_ih, w_hh, b_ih, b_hh)
             else:
+                h0, c0 = initial
                 out, _, c = torch.lstm(torch.cat([inputs, pad_feature], -1),
-                                       (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1,
-                                       0.0, self.training, False, True)
+                                       (h0.unsqueeze(0), c0.unsqueeze(0)),
+                                       [torch.cat([w_ih, pad_weights], 1), w_hh, b_ih, b_hh],
+                                       True, 1, 0.0, self.training, False, True)
                 c = c[0]
             h = out.gather(1, last).squeeze(1)
             out = _reverse_within(out, within) if reverse else out
