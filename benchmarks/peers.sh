@@ -4,7 +4,8 @@
 # same raw Multi30k de->en text and the same sentencepiece model, then test_2016_flickr
 # (1000 sentences, batch 64) translated greedy and beam 5 (rnmt also beam 5 with
 # --quantize int8, with --precision bf16, and with --workers 2, alone and with int8), and
-# one table of the numbers.
+# one table of the numbers. On a CPU with bf16 matrix units rnmt also trains a second time,
+# with --precision bf16, for the same budget (RNMT_BF16_TRAIN=0 leaves that out).
 #
 # Usage: benchmarks/peers.sh SECONDS [OUT]      (OUT defaults to work/peers)
 #   SECONDS  training budget of each toolkit (the shared bench uses 900)
@@ -96,6 +97,25 @@ if [ "$translate_only" != 1 ]; then
         --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
         2> "$r/train.log"
     log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
+    # The same budget again with --precision bf16, on a CPU whose bf16 matrix units oneDNN
+    # uses (AMX / AVX512-BF16; elsewhere bf16 would be emulated, so there is no row), and
+    # its last checkpoint translated once, beam 5, for the BLEU its extra updates bring.
+    if [ "${RNMT_BF16_TRAIN:-auto}" != 0 ] && "$py" -c \
+        "import sys, torch; sys.exit(not torch.ops.mkldnn._is_mkldnn_bf16_supported())" 2>/dev/null; then
+        log "train rnmt --precision bf16 (--max-time $minutes)"
+        /usr/bin/time -v -o "$r/train_bf16.time" "${rnmt[@]}" train "$r/bin" \
+            --save-dir "$r/run_bf16" --config "$root/examples/multi30k/reference.toml" \
+            --max-time "$minutes" --max-epochs 1000 --threads $threads --device cpu \
+            --log-every $log_every --no-plot --precision bf16 2> "$r/train_bf16.log"
+        log "rnmt train --precision bf16 exit $? ($(tail -1 "$r/train_bf16.log"))"
+        "${rnmt[@]}" translate -m "$r/run_bf16/last.pt" --beam 5 --batch-size 64 \
+            --threads $threads --device cpu < "$PEERS/data/raw/test.de" \
+            > "$r/run_bf16/test.beam5.en" 2> "$r/run_bf16/translate.log" \
+            || log "rnmt translate of the bf16 run failed: $(tail -1 "$r/run_bf16/translate.log")"
+    else
+        rm -rf "$r/run_bf16"
+        log "no bf16 training run (RNMT_BF16_TRAIN=0, or no bf16 matrix units here)"
+    fi
 fi
 
 # --- translation -------------------------------------------------------------------------

@@ -114,25 +114,42 @@ def peers(out: Path) -> dict[str, dict]:
     return result
 
 
-def rnmt_training(r: Path) -> dict:
-    records = []
-    metrics = r / "run" / "metrics.jsonl"
-    if metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+def rnmt_training(r: Path, tag: str = "") -> dict:
+    """rnmt's training figures from OUT/rnmt: the run `run{tag}` with its `train{tag}.log`
+    and `train{tag}.time` (tag "" for the fp32 run, "_bf16" for the --precision bf16 one);
+    {} when that run is not there."""
+    metrics = r / f"run{tag}" / "metrics.jsonl"
+    if not metrics.exists():
+        return {}
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     train = [x for x in records if x.get("kind") == "train"]
+    valid = [x for x in records if x.get("kind") == "valid"]
     rates = [x["tokens_per_s"] for x in train]
     check = None
     if len(train) > 1:  # windows after the first: tokens = rate x window duration
         spans = [b["elapsed"] - a["elapsed"] for a, b in zip(train, train[1:])]
         check = sum(x["tokens_per_s"] * s for x, s in zip(train[1:], spans)) / sum(spans)
-    log = (r / "train.log").read_text() if (r / "train.log").exists() else ""
+    log_path = r / f"train{tag}.log"
+    log = log_path.read_text() if log_path.exists() else ""
     params = re.search(r"([\d,]+) parameters", log)
     steps = max((x.get("step", 0) for x in records), default=None)
-    timed = time_v(r / "train.time")
+    timed = time_v(r / f"train{tag}.time")
     return {"params": int(params.group(1).replace(",", "")) if params else None,
             "train_tok_s": statistics.median(rates[1:]) if len(rates) > 1 else None,
             "train_tok_s_check": check, "updates": steps, "translated_step": steps,
-            "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb")}
+            "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb"),
+            "valid_ppl": valid[-1]["valid_ppl"] if valid else None}
+
+
+def bf16_training(r: Path, refs: list[str]) -> dict:
+    """The --precision bf16 run's training figures and the BLEU of its last checkpoint
+    (beam 5, translated once by peers.sh); {} when peers.sh ran no such run."""
+    figures = rnmt_training(r, "_bf16")
+    hyp = r / "run_bf16" / "test.beam5.en"
+    hyps = hyp.read_text(encoding="utf-8").splitlines() if hyp.exists() else []
+    if figures and len(hyps) == len(refs):
+        figures["bleu"] = round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    return figures
 
 
 def decode_only(r: Path) -> dict[str, list[float]]:
@@ -209,6 +226,9 @@ def main() -> None:
     tk = peers(args.out)
     tk["rnmt"] = {**rnmt_training(args.out / "rnmt"),
                   **rnmt_translations(args.out / "rnmt", refs)}
+    bf16 = bf16_training(args.out / "rnmt", refs)
+    if bf16:
+        tk["rnmt"]["train_bf16"] = bf16
     columns = [t for t in ("joey", "onmt", "rnmt") if t in tk]
     onmt = tk.get("onmt", {})
 
@@ -222,7 +242,9 @@ def main() -> None:
 
         cells = [("—" if variant and variant not in tk[t] else fmt(get(t), digits))
                  for t in columns]
-        if variant:  # int8 and bf16 beam search are compared with OpenNMT-py's fp32 beam 5
+        if variant == "train_bf16":  # bf16 training: against OpenNMT-py's training
+            base = onmt if key != "bleu" else onmt.get("beam5", {})
+        elif variant:  # int8 and bf16 beam search: against OpenNMT-py's fp32 beam 5
             base = onmt.get("beam5" if variant.startswith("beam5") else variant, {})
         else:
             base = onmt
@@ -234,6 +256,15 @@ def main() -> None:
     add("training: updates in the budget", "updates")
     add("training: whole process, s", "train_wall_s", 1)
     add("training: peak RSS, MB", "train_rss_mb")
+    if "train_bf16" in tk["rnmt"]:
+        label = "training, rnmt --precision bf16"
+        add(f"{label}: target tokens/s (median of log windows)", "train_tok_s", 0, "train_bf16")
+        add(f"{label}: target tokens/s (check: log timestamps)", "train_tok_s_check", 0,
+            "train_bf16")
+        add(f"{label}: updates in the budget", "updates", 0, "train_bf16")
+        add(f"{label}: peak RSS, MB", "train_rss_mb", 0, "train_bf16")
+        add(f"{label}: BLEU of its last checkpoint, beam 5", "bleu", 2, "train_bf16",
+            difference=True)
     for variant, label in VARIANTS.items():
         if variant not in tk["rnmt"] and variant not in PEER_BEAM:
             continue
