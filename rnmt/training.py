@@ -288,6 +288,28 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return stack
 
 
+def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients together, as `clip_grad_norm_` computes it, without
+    changing them."""
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def clip_gradients(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor,
+                   norm_value: float) -> None:
+    """Scale the gradients by max_norm / (norm + 1e-6) where that is below 1, as
+    `clip_grad_norm_` does; `norm_value` is `norm` read on the host. Only then: the
+    multiplication is a pass over every gradient, and after the first updates of the
+    reference model the norm stays near 0.5 against a limit of 5."""
+    if norm_value + 1e-6 > max_norm:
+        coefficient = max_norm / (norm + 1e-6)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.device))
+
+
 def batch_loss(model: Model, batch: Batch, label_smoothing: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(training loss, NLL), both summed over the real target pieces of a batch.
@@ -640,8 +662,8 @@ class Trainer:
             return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": math.nan}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and test the true gradient
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                              c.clip_norm if c.clip_norm > 0 else math.inf)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = gradient_norm(grads)
         # The loss of all ranks, and their votes to stop (a signal, --max-time), summed
         # in one small all-reduce; read with the norm in the update's one host sync.
         shared = torch.stack([nll_sum, nll_sum.new_full((), float(self._stop_signal is not None)),
@@ -662,6 +684,8 @@ class Trainer:
             if not overflow:
                 self.state.bad_updates += 1
             return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": norm_value}
+        if c.clip_norm > 0:
+            clip_gradients(grads, c.clip_norm, norm, norm_value)
         self.schedule.before_update(self.state.step + 1)
         self.optimizer.step()  # the gradients are finite: GradScaler.step would only re-check
         if self.scaler is not None:

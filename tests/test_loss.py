@@ -13,13 +13,14 @@ from rnmt.nn.scratch import ScratchBuffer
 from rnmt.vocab import PAD
 
 
-def _inputs(vocab: int, n: int = 20, dim: int = 8, seed: int = 0):
+def _inputs(vocab: int, n: int = 20, dim: int = 8, seed: int = 0, pad: bool = True):
     torch.manual_seed(seed)
     o = torch.randn(n, dim, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(vocab, dim, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
     target = torch.randint(1, vocab, (n,))
-    target[3] = PAD  # counts for nothing
+    if pad:
+        target[3] = PAD  # counts for nothing
     return o, weight, bias, target
 
 
@@ -34,8 +35,9 @@ def _reference(o, weight, bias, target, epsilon):
 
 @pytest.mark.parametrize("vocab", [37, 48])  # padded to 48 columns; already a multiple of 16
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
-def test_fused_loss_and_gradients_equal_autograd_through_torch_ops(vocab, epsilon):
-    o, weight, bias, target = _inputs(vocab)
+@pytest.mark.parametrize("pad", [True, False])  # training's batches have no padded target
+def test_fused_loss_and_gradients_equal_autograd_through_torch_ops(vocab, epsilon, pad):
+    o, weight, bias, target = _inputs(vocab, pad=pad)
     loss, nll = _reference(o, weight, bias, target, epsilon)
     expected = torch.autograd.grad(1.7 * loss, (o, weight, bias))
     fused_loss, fused_nll = VocabularyLoss.apply(o, weight, bias, target, epsilon, PAD,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from sacrebleu.metrics import CHRF
 
 from conftest import TINY_MODEL
 from rnmt.data import collate
 from rnmt.preprocess import load_data
-from rnmt.training import TrainConfig, Trainer, evaluate_loss
+from rnmt.training import TrainConfig, Trainer, clip_gradients, evaluate_loss, gradient_norm
 from rnmt.translator import Translator, load_model
 from rnmt.search import SearchConfig
 
@@ -65,3 +66,20 @@ def test_validations_name_the_epoch_they_ran_in(bin_dir, tmp_path):
     assert valid == [(per_epoch, 1), (per_epoch + 2, 2)]
     last_train = [r for r in records if r["kind"] == "train"][-1]
     assert last_train["epoch"] == 2
+
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 50.0])  # below and above the gradients' norm (~8)
+def test_clipping_equals_torchs_clip_grad_norm(max_norm):
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5), torch.randn(11), torch.randn(3, 3, 2)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    want_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = gradient_norm(grads)
+    clip_gradients(grads, max_norm, norm, float(norm))
+    torch.testing.assert_close(norm, want_norm)
+    for grad, param in zip(grads, params):
+        torch.testing.assert_close(grad, param.grad, rtol=0, atol=0)
+    assert (float(norm) > max_norm) == (max_norm == 0.5)

@@ -120,13 +120,19 @@ class VocabularyLoss(torch.autograd.Function):
                           grad.new_full((target.numel(), 1), epsilon - 1.0))
         if epsilon:
             grad[:, :vocab].sub_(epsilon / vocab)
-        grad.mul_((keep.to(grad.dtype) * grad_loss).unsqueeze(1))
-        grad_bias = grad.sum(0)[:vocab]
+        # ∂loss/∂z = grad_loss · (p - q) on kept rows. Where every row is kept (training
+        # passes real positions only) the factor scales the three (·, d) and (V,) results
+        # instead of the (n, V) tensor: one pass less over the step's largest tensor.
+        factor = grad_loss
+        if not bool(keep.all()):
+            grad.mul_((keep.to(grad.dtype) * grad_loss).unsqueeze(1))
+            factor = grad_loss.new_ones(())
+        grad_bias = grad.sum(0)[:vocab].mul_(factor)
         rows = grad.size(0)
         # The products' dtype and rows: the same tensor in fp32, a copy in bf16.
         operand = grad if o.dtype == grad.dtype else pad_rows(grad, o.dtype)
-        grad_o = (operand @ weight)[:rows].to(ctx.out_dtype)
-        grad_weight = (operand.t() @ o)[:vocab].to(ctx.out_dtype)
+        grad_o = (operand @ weight)[:rows].to(ctx.out_dtype).mul_(factor)
+        grad_weight = (operand.t() @ o)[:vocab].to(ctx.out_dtype).mul_(factor)
         ctx.buffer.release()
         return grad_o, grad_weight, grad_bias, None, None, None, None, None
 

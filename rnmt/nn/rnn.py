@@ -363,8 +363,14 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
         if is_lstm:
             new_c.append(out[1])
     if is_lstm:
-        return x, (torch.stack(new_h), torch.stack(new_c))
-    return x, torch.stack(new_h)
+        return x, (_layers(new_h), _layers(new_c))
+    return x, _layers(new_h)
+
+
+def _layers(states: list[Tensor]) -> Tensor:
+    """Per-layer states (batch, hidden) as one (layers, batch, hidden) tensor: a view for
+    a single layer (no copy per decoder step, nor one in its backward), else a stack."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
 def _reverse_within(x: Tensor, within: Tensor) -> Tensor:
