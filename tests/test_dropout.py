@@ -13,17 +13,17 @@ from rnmt.nn.dropout import LEVELS, Dropout, dropout
 
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
 def test_drop_rate_and_scale_keep_the_expectation(p):
-    """p rounded to a multiple of 2⁻¹⁶; survivors scaled so that E[y] = x exactly. Both
-    16-bit halves of every random draw are used (each half on its own has the rate)."""
+    """p rounded to a multiple of 2⁻¹⁶; survivors scaled so that E[y] = x exactly. All four
+    16-bit lanes of every 64-bit random word are used (each lane on its own has the rate)."""
     torch.manual_seed(0)
     n = 1 << 20
     y = dropout(torch.ones(n), p, training=True)
     drop = round(p * LEVELS) / LEVELS
     values = torch.unique(y).tolist()
     assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / (1 - drop))]
-    sigma = math.sqrt(drop * (1 - drop) / (n // 2))
-    for half in (y[0::2], y[1::2]):
-        assert abs((half == 0).double().mean().item() - drop) < 5 * sigma
+    sigma = math.sqrt(drop * (1 - drop) / (n // 4))
+    for lane in range(4):
+        assert abs((y[lane::4] == 0).double().mean().item() - drop) < 5 * sigma
 
 
 def test_the_gradient_goes_through_the_same_mask():
@@ -56,6 +56,16 @@ def test_masks_come_from_the_global_generator():
     torch.manual_seed(3)
     assert torch.equal(dropout(x, 0.2, True), first)
     assert not torch.equal(first, second)
+
+
+def test_neighbouring_masks_are_uncorrelated():
+    """Consecutive masks come from generators seeded by consecutive draws of torch's: their
+    drops must not line up (agreement of two independent masks: p² + (1 - p)²)."""
+    torch.manual_seed(5)
+    n, p = 1 << 18, 0.5
+    a, b = (dropout(torch.ones(n), p, True) == 0 for _ in range(2))
+    agreement = (a == b).double().mean().item()
+    assert abs(agreement - 0.5) < 5 * math.sqrt(0.25 / n)
 
 
 def test_integer_and_other_inputs_fall_back_to_torch():
