@@ -123,7 +123,6 @@ def rnmt_training(r: Path, tag: str = "") -> dict:
         return {}
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     train = [x for x in records if x.get("kind") == "train"]
-    valid = [x for x in records if x.get("kind") == "valid"]
     rates = [x["tokens_per_s"] for x in train]
     check = None
     if len(train) > 1:  # windows after the first: tokens = rate x window duration
@@ -137,8 +136,7 @@ def rnmt_training(r: Path, tag: str = "") -> dict:
     return {"params": int(params.group(1).replace(",", "")) if params else None,
             "train_tok_s": statistics.median(rates[1:]) if len(rates) > 1 else None,
             "train_tok_s_check": check, "updates": steps, "translated_step": steps,
-            "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb"),
-            "valid_ppl": valid[-1]["valid_ppl"] if valid else None}
+            "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb")}
 
 
 def bf16_training(r: Path, refs: list[str]) -> dict:

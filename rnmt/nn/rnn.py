@@ -180,10 +180,10 @@ class RNN(nn.Module):
         keep = 1.0 - pad_feature
         within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
-        # The pad feature's weights, for torch's kernel (torch's gate order: i, f, g, o).
-        pad_weights = x.new_zeros(4 * hidden, 1)
-        pad_weights[:hidden] = -SATURATE
-        pad_weights[hidden : 2 * hidden] = SATURATE
+        if not bf16_layer:  # the pad feature's weights, for torch's kernel (i, f, g, o)
+            pad_weights = x.new_zeros(4 * hidden, 1)
+            pad_weights[:hidden] = -SATURATE
+            pad_weights[hidden : 2 * hidden] = SATURATE
 
         def run(k: int, reverse: bool, x: Tensor, initial: State) -> tuple[Tensor, State]:
             suffix = f"_l{k}" + ("_reverse" if reverse else "")
