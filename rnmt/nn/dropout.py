@@ -9,8 +9,11 @@ model: four masks per batch of ~1.5 M elements each, ~15 ms apiece. Here each el
 a uniform 16-bit number u, and survives when u ≥ d with d = round(p · 2¹⁶): the drop
 probability is d / 2¹⁶ (p rounded to a multiple of 2⁻¹⁶, 0.199997 for 0.2) and the
 survivors are scaled by 2¹⁶ / (2¹⁶ - d), so the expectation is still exact. The mask is
-kept as one byte per element. On a GPU, and for p = 0 or 1, this is
-`torch.nn.functional.dropout`.
+kept as x's dtype with the scale in it (0 or 2¹⁶ / (2¹⁶ - d)), so forward and backward
+are one product each: with a bool mask, torch's kernel (`native_dropout_backward`)
+converted it at every use, and a 1.5 M-element mask's three passes took 2.2 ms against
+1.4 ms (Intel Xeon, 2 threads), for three bytes more per element. On a GPU, and for p = 0
+or 1, this is `torch.nn.functional.dropout`.
 
 The 16-bit numbers are the 64-bit words of numpy's SFC64 generator (O'Neill's small fast
 chaotic generator), four per word, seeded for each mask by one 63-bit draw from torch's
@@ -40,7 +43,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return F.dropout(x, p, training=True)
     # Uniform 16-bit numbers read as int16: u ≥ d ⟺ int16 ≥ d - 2¹⁵.
     keep = (uniform_int16(x.numel()) >= drop - LEVELS // 2).view(x.shape)
-    return _MaskedScale.apply(x, keep, LEVELS / (LEVELS - drop))
+    return x * keep.to(x.dtype).mul_(LEVELS / (LEVELS - drop))  # autograd keeps the mask only
 
 
 def uniform_int16(n: int) -> Tensor:
@@ -49,22 +52,6 @@ def uniform_int16(n: int) -> Tensor:
     seed = int(torch.randint(0, 1 << 62, ()))
     words = np.random.SFC64(seed).random_raw(-(-n // 4))
     return torch.from_numpy(words.view(np.int16)[:n])
-
-
-class _MaskedScale(torch.autograd.Function):
-    """y = x ⊙ keep · scale, and ∂L/∂x = ∂L/∂y ⊙ keep · scale; keep is bool."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        # The op of torch's own dropout backward: one pass, x ⊙ keep · scale.
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
 
 
 class Dropout(nn.Module):
