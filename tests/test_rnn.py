@@ -9,7 +9,8 @@ import torch
 
 from conftest import through_recurrence
 from rnmt.models import ModelConfig, build_model
-from rnmt.nn.onednn import RecurrentProduct, onednn_available
+from rnmt.nn.lstm_steps import LSTMSteps
+from rnmt.nn.onednn import RecurrentProduct, onednn_available, onednn_runs
 from rnmt.nn.rnn import RNN, Stepper
 from rnmt.vocab import EOS
 
@@ -85,6 +86,63 @@ def test_recurrent_product_gives_the_matmul_and_its_gradients_over_a_recurrence(
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _lstm_steps(step, xs, h, c, steps_used):
+    """h_t, c_t over the steps of xs (steps, rows, rest) from `step(t, x_t, h, c)`, and the
+    gradients (of xs, h_0, c_0 and the extra leaves) of a fixed function of the first
+    `steps_used` steps' h_t and c_t."""
+    hs, cs = [], []
+    for t, x in enumerate(xs.unbind(0)):
+        h, c = step(t, x, h, c)
+        hs.append(h)
+        cs.append(c)
+    out = torch.stack(hs[:steps_used] + cs[:steps_used])
+    return out, (out * torch.linspace(-1, 2, out.size(-1))).sum()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype,steps_used", [(torch.float32, 5), (torch.float32, 3),
+                                              (torch.bfloat16, 5), (torch.bfloat16, 3)])
+def test_lstm_steps_give_the_lstm_equations_and_their_gradients(dtype, steps_used):
+    """`LSTMSteps` (gates and gradients by hand, products on oneDNN, buffers shared by the
+    pass) against the LSTM equations through autograd: h_t, c_t and the gradients of x_t,
+    h_0, c_0, W and pre. With steps_used < 5 the last steps' backward never runs, and they
+    must add nothing. In bf16 (the products only) to bf16 precision."""
+    if dtype == torch.bfloat16 and not onednn_runs(dtype):
+        pytest.skip("no bf16 kernels in oneDNN here")
+    torch.manual_seed(0)
+    steps, rows, rest, hidden = 5, 19, 6, 7
+    weight = (torch.randn(4 * hidden, rest + hidden) * 0.5).requires_grad_()
+    pre = torch.randn(steps, rows, 4 * hidden, requires_grad=True)
+    xs = torch.randn(steps, rows, rest, requires_grad=True)
+    h0 = torch.randn(rows, hidden, requires_grad=True)
+    c0 = torch.randn(rows, hidden, requires_grad=True)
+    leaves = [xs, h0, c0, weight, pre]
+
+    def plain(t, x, h, c):
+        i, f, g, o = (pre[t] + torch.cat([x, h], 1) @ weight.t()).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    fused = LSTMSteps(weight, pre, dtype)
+    out, loss = _lstm_steps(fused.step, xs, h0, c0, steps_used)
+    grads = torch.autograd.grad(loss, leaves)
+    expected, expected_loss = _lstm_steps(plain, xs, h0, c0, steps_used)
+    expected_grads = torch.autograd.grad(expected_loss, leaves)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else \
+        {"rtol": 0.0, "atol": 3e-2 * float(expected.abs().max())}
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert not torch.equal(out, expected) or dtype == torch.float32
+    for name, got, want in zip(["x", "h0", "c0", "W", "pre"], grads, expected_grads):
+        assert got.dtype == torch.float32, name
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=tolerance["rtol"],
+                                   atol=tolerance["atol"] if dtype == torch.float32
+                                   else 3e-2 * scale, msg=name)
+    unused = slice(steps_used, steps)
+    assert torch.count_nonzero(grads[0][unused]) == 0  # x_t of steps never used
+    assert torch.count_nonzero(grads[4][unused]) == 0  # pre_t likewise
 
 
 @needs_onednn

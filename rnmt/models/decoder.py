@@ -40,7 +40,7 @@ from rnmt.models.encoder import EncoderOut
 from rnmt.nn.attention import Attention, AttentionSteps
 from rnmt.nn.dropout import Dropout
 from rnmt.nn.linear import Linear
-from rnmt.nn.rnn import RNN, State, Stepper
+from rnmt.nn.rnn import RNN, State, Stepper, layer_of
 
 
 @dataclass
@@ -207,4 +207,4 @@ class PlainDecoder(nn.Module):
 def _top(hidden: State) -> Tensor:
     """The top layer's hidden state h (batch, hidden) of an RNN state."""
     h = hidden[0] if isinstance(hidden, tuple) else hidden
-    return h[-1]
+    return layer_of(h, h.size(0) - 1)

@@ -192,12 +192,12 @@ class AttentionSteps:
     - the memory's gradient through the context, Σ_t a_tᵀ ∂L/∂c_t, is one bmm over all
       steps at the end instead of one outer product (a bmm with an inner size of 1) and a
       running sum per step;
-    - the query projection 2 W_q q_t of every step is one `RecurrentProduct` for the pass
-      (as `rnmt.nn.rnn.Stepper`'s recurrent product): W_q reordered (and in bf16 cast)
-      once, dW_q one product over all steps' rows. Measured against `rnmt.nn.linear` per
-      step, in one process over 60 pairs of reference-model training batches: 1.005× the
-      speed in fp32, 1.002× in bf16 (quartiles 0.98–1.04): no faster, but the same
-      mechanism as the decoder's recurrent product instead of a second one.
+    - the query projection 2 W_q q_t of every step is one `RecurrentProduct` for the pass:
+      W_q reordered (and in bf16 cast) once, dW_q one product over all steps' rows.
+      Measured against `rnmt.nn.linear` per step, in one process over 60 pairs of
+      reference-model training batches: 1.005× the speed in fp32, 1.002× in bf16
+      (quartiles 0.98–1.04), no faster. (The decoder's recurrent product used it too; it
+      now has its own pass, `rnmt.nn.lstm_steps`, which also takes the gates.)
 
     Under CPU autocast to bf16 (`--precision bf16`) the same steps run in fp32, autocast
     switched off (the query and key products multiply in bf16 and return fp32): what the

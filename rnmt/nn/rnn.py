@@ -31,7 +31,8 @@ from rnmt.nn import cells
 from rnmt.nn.dropout import dropout as apply_dropout
 from rnmt.nn.linear import linear
 from rnmt.nn.lstm_layer import SATURATE, lstm_layer_bf16
-from rnmt.nn.onednn import RecurrentProduct, recurrent_product_dtype, training_rows
+from rnmt.nn.lstm_steps import LSTMSteps
+from rnmt.nn.onednn import recurrent_product_dtype, training_rows
 from rnmt.precision import cpu_training_products
 
 State = Tensor | tuple[Tensor, Tensor]
@@ -139,7 +140,11 @@ class RNN(nn.Module):
         padding harmless:
 
         - the reverse direction reads each row reversed within its own length, so its
-          padding too comes after the real pieces; its outputs are reversed back;
+          padding too comes after the real pieces; its outputs are reversed back. From
+          a zero state (no `state` given: an encoder) it reads the whole batch reversed
+          instead (`flip`, whose backward is a flip: the gather's scattered back and
+          zero-filled), the padding first: there h and c stay exactly 0, the state each
+          row's real pieces start from (below);
         - every padded position gets an extra input feature 1 whose weights add −SATURATE
           to the input gate and +SATURATE to the forget gate. There i = 0 and f = 1 exactly
           (σ saturates), so c_t = f ⊙ c_{t-1} + i ⊙ g = c_{t-1} bit for bit: the last c is
@@ -178,6 +183,7 @@ class RNN(nn.Module):
         padded = ~valid
         pad_feature = padded.unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
         keep = 1.0 - pad_feature
+        zero_start = state is None
         within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
         if not bf16_layer:  # the pad feature's weights, for torch's kernel (i, f, g, o)
@@ -189,16 +195,23 @@ class RNN(nn.Module):
             suffix = f"_l{k}" + ("_reverse" if reverse else "")
             names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
             w_ih, w_hh, b_ih, b_hh = (getattr(self.layer, name + suffix) for name in names)
-            inputs = _reverse_within(x, within) if reverse else x
+            flip = reverse and zero_start
+            if flip:
+                inputs, pads, pad_in = x.flip(1), padded.flip(1), pad_feature.flip(1)
+            else:
+                inputs = _reverse_within(x, within) if reverse else x
+                pads, pad_in = padded, pad_feature
             if bf16_layer:
-                out, c = lstm_layer_bf16(inputs, padded, initial, w_ih, w_hh, b_ih, b_hh)
+                out, c = lstm_layer_bf16(inputs, pads, initial, w_ih, w_hh, b_ih, b_hh)
             else:
                 h0, c0 = initial
-                out, _, c = torch.lstm(torch.cat([inputs, pad_feature], -1),
+                out, _, c = torch.lstm(torch.cat([inputs, pad_in], -1),
                                        (h0.unsqueeze(0), c0.unsqueeze(0)),
                                        [torch.cat([w_ih, pad_weights], 1), w_hh, b_ih, b_hh],
                                        True, 1, 0.0, self.training, False, True)
                 c = c[0]
+            if flip:  # every row's real pieces come last
+                return out.flip(1) * keep, (out[:, -1], c)
             h = out.gather(1, last).squeeze(1)
             out = _reverse_within(out, within) if reverse else out
             return out * keep, (h, c)
@@ -290,13 +303,14 @@ class Stepper:
     gate product, W_ih[:, :d] known_t + b_ih + b_hh, runs once for all steps (one large
     product), and each step computes only
 
-        a_t = pre_t + [W_ih[:, d:]  W_hh] [rest_t; h_{t-1}]     one `RecurrentProduct`
+        a_t = pre_t + [W_ih[:, d:]  W_hh] [rest_t; h_{t-1}]
         i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g);  c_t = f ⊙ c_{t-1} + i ⊙ g
         h_t = o ⊙ tanh(c_t)
 
     with upper layers as in `RNN.step`. The per-step products and their gradients were
-    most of a teacher-forced decoder's time there: `RecurrentProduct` runs them on oneDNN
-    and forms the weight's gradient once. Under CPU autocast to bf16 (`--precision bf16`)
+    most of a teacher-forced decoder's time there: `rnmt.nn.lstm_steps.LSTMSteps` runs
+    them on oneDNN, forms the weight's gradient once, and computes the gates and their
+    gradients by hand. Under CPU autocast to bf16 (`--precision bf16`)
     the same path multiplies in bf16, the gates and the state kept in fp32
     (`rnmt.precision.cpu_training_products`). Anywhere else (GPU, other autocast, other
     cells, the reference cells, no autograd) each step is `RNN.step` on the concatenated
@@ -314,26 +328,22 @@ class Stepper:
             return
         layer, d = rnn.layer, known.size(-1)
         w_ih = layer.weight_ih_l0
-        # `linear`: in bf16 training this product runs in bf16, its result in fp32.
-        self.pre = linear(known, w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0).unbind(1)
-        self.rest_product = RecurrentProduct(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1),
-                                             products)
+        # Time-major, as `LSTMSteps` reads it; `linear`: in bf16 training this product runs
+        # in bf16, its result in fp32.
+        pre = linear(known.transpose(0, 1), w_ih[:, :d], layer.bias_ih_l0 + layer.bias_hh_l0)
+        self.steps = LSTMSteps(torch.cat([w_ih[:, d:], layer.weight_hh_l0], 1), pre, products)
 
     def step(self, t: int, rest: Tensor, state: State) -> tuple[Tensor, State]:
         """Step t with rest_t (batch, input - d): the top layer's h and the new state,
         as `RNN.step`."""
         if not self.fast:
             return self.rnn.step(torch.cat([self.known[t], rest], dim=-1), state)
-        pre, rest_product = self.pre[t], self.rest_product
+        steps = self.steps
 
         def step_layer(k: int, x: Tensor, layer_state: State) -> State:
             if k > 0:
                 return self.rnn._step_layer(k, x, layer_state)
-            h, c = layer_state
-            gates = rest_product(torch.cat([x, h], dim=-1)) + pre
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
+            return steps.step(t, x, *layer_state)
 
         return step_stack(step_layer, self.rnn.num_layers, rest, state,
                           self.rnn.layer.dropout, self.rnn.training)
@@ -356,7 +366,7 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
     for k in range(num_layers):
         if k > 0 and training and dropout > 0:
             x = apply_dropout(x, dropout, training=True)
-        own = (h_all[k], c_all[k]) if is_lstm else h_all[k]
+        own = (layer_of(h_all, k), layer_of(c_all, k)) if is_lstm else layer_of(h_all, k)
         out = step_layer(k, x, own)
         x = out[0] if is_lstm else out
         new_h.append(x)
@@ -365,6 +375,13 @@ def step_stack(step_layer: Callable[[int, Tensor, State], State], num_layers: in
     if is_lstm:
         return x, (_layers(new_h), _layers(new_c))
     return x, _layers(new_h)
+
+
+def layer_of(states: Tensor, k: int) -> Tensor:
+    """Layer k's state (batch, hidden) of a stack's (layers, batch, hidden) `states`. A
+    single layer's is a squeeze, whose backward is a view: an index's backward fills a
+    tensor of zeros and copies the gradient into it, at every decoder step."""
+    return states.squeeze(0) if states.size(0) == 1 else states[k]
 
 
 def _layers(states: list[Tensor]) -> Tensor:
