@@ -16,7 +16,7 @@ converted it at every use, and a 1.5 M-element mask's three passes took 2.2 ms a
 or 1, this is `torch.nn.functional.dropout`.
 
 The 16-bit numbers are the 64-bit words of numpy's SFC64 generator (O'Neill's small fast
-chaotic generator), four per word, seeded for each mask by one 63-bit draw from torch's
+chaotic generator), four per word, seeded for each mask by one 62-bit draw from torch's
 global generator: the masks stay a function of torch's random state (`torch.manual_seed`
 repeats them, a resumed run continues them), and a mask of 1.5 M elements takes 0.6 ms
 instead of 2.5 ms for torch's 32-bit `random_` (Intel Xeon, 2 threads), about 5 ms of

@@ -23,9 +23,8 @@ at the end the steps' inputs, their gate gradients and pre_t's gradient were eac
 concatenated again: ~10 ms of a ~550 ms fp32 reference-model batch (profile of 20
 batches). This pass ran 1.016× the speed of that one in fp32 and 1.027× in bf16 (in one
 process, alternating, over 60 training batches). The gates and their gradients are
-hand-written as in
-`rnmt.nn.lstm_layer`, g from the same σ call as the other gates (tanh(z) = 2σ(2z) − 1, the
-g rows of the forward product's weight copy doubled): per step and layer,
+hand-written as in `rnmt.nn.lstm_layer`, g from the same σ call as the other gates
+(tanh(z) = 2σ(2z) − 1, the g rows of the forward product's weight copy doubled):
 
     dc_t = f_{t+1} ⊙ dc_{t+1} + dh_t ⊙ o ⊙ (1 − tanh²(c_t))
     da_i = dc_t ⊙ g ⊙ i(1−i)      da_f = dc_t ⊙ c_{t-1} ⊙ f(1−f)
