@@ -72,6 +72,39 @@ def double_g_rows(weight: Tensor) -> Tensor:
     return weight * scale
 
 
+def lstm_cell_forward(a: Tensor, c_prev: Tensor, c_out: Tensor | None = None,
+                      tanh_out: Tensor | None = None, h_out: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's gates and state from its pre-activations a (rows, 4·hidden), fp32, in
+    torch's gate order with the g block doubled (`double_g_rows`): a becomes the gates
+    (i, f, g, o) in place, g = 2σ(2a_g) − 1 = tanh(a_g). Returns h_t, c_t and tanh(c_t),
+    written into the given `*_out` tensors where there are any."""
+    i, f, g, o = a.sigmoid_().chunk(4, dim=1)
+    g.mul_(2.0).sub_(1.0)
+    c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
+    tanh_c = torch.tanh(c, out=tanh_out)
+    return torch.mul(o, tanh_c, out=h_out), c, tanh_c
+
+
+def lstm_gate_gradients(gates: Tensor, c_prev: Tensor, tanh_c: Tensor, dh: Tensor,
+                        dc: Tensor, out: Tensor) -> Tensor:
+    """One step's ∂L/∂a (rows, 4·hidden) into `out`, from the gates (i, f, g, o) and c_{t-1},
+    tanh(c_t) of `lstm_cell_forward`, dh = ∂L/∂h_t, and dc = ∂L/∂c_t through the later
+    steps (f_{t+1} ⊙ dc_{t+1}, or the final state's gradient), to which dh's share
+    dh ⊙ o ⊙ (1 − tanh²(c_t)) is added in place (the module docstring's equations)."""
+    hidden = gates.size(1) // 4
+    i, f, g, o = gates.chunk(4, dim=1)
+    dc.addcmul_(dh, torch.addcmul(o, o, tanh_c * tanh_c, value=-1.0))
+    # s(1 − s) for the σ gates; the g block is then overwritten with i(1 − g²)
+    torch.addcmul(gates, gates, gates, value=-1.0, out=out)
+    torch.addcmul(i, i * g, g, value=-1.0, out=out[:, 2 * hidden : 3 * hidden])
+    out[:, :hidden].mul_(g)
+    out[:, hidden : 2 * hidden].mul_(c_prev)
+    out[:, 3 * hidden :].mul_(tanh_c).mul_(dh)
+    out.view(-1, 4, hidden)[:, :3].mul_(dc.unsqueeze(1))
+    return out
+
+
 class _LSTMLayer(torch.autograd.Function):
     """Time-major: x (steps, batch, input), padded (steps, batch), h0 and c0 (batch,
     hidden), bias = b_ih + b_hh -> outputs (steps, batch, hidden) bf16, c_T fp32."""
@@ -100,10 +133,7 @@ class _LSTMLayer(torch.autograd.Function):
         for t in range(steps):
             # Copied, then added in fp32: a bf16 + bf16 sum would round (and copy) as well.
             a = gates[t].copy_(pre[t]).add_(onednn_linear(hs[t], recurrent, None))
-            i, f, g, o = a.sigmoid_().chunk(4, dim=1)
-            g.mul_(2.0).sub_(1.0)  # 2σ(2a_g) − 1 = tanh(a_g)
-            c = torch.mul(f, cells[t], out=cells[t + 1]).addcmul_(i, g)
-            torch.mul(o, torch.tanh(c, out=tanh_cells[t]), out=hs[t + 1])
+            lstm_cell_forward(a, cells[t], cells[t + 1], tanh_cells[t], hs[t + 1])
         ctx.save_for_backward(inputs, w_ih16, w_hh16, gates, cells, tanh_cells, hs)
         ctx.input_dtype = x.dtype
         return hs[1:], cells[steps].clone()
@@ -120,20 +150,11 @@ class _LSTMLayer(torch.autograd.Function):
         da_all = gates.new_empty((steps, batch, four_hidden), dtype=torch.bfloat16)
         grad_bias, ones = gates.new_zeros(four_hidden), gates.new_ones(batch)
         for t in range(steps - 1, -1, -1):
-            i, f, g, o = gates[t].chunk(4, dim=1)
-            tanh_c = tanh_cells[t]
             dh = dh_all[t]
             if t < steps - 1:
                 dh.add_(da_all[t + 1] @ w_hh16)
                 dc.mul_(gates[t + 1, :, hidden : 2 * hidden])
-            dc.addcmul_(dh, torch.addcmul(o, o, tanh_c * tanh_c, value=-1.0))
-            # s(1 − s) for the σ gates; the g block is then overwritten with i(1 − g²)
-            torch.addcmul(gates[t], gates[t], gates[t], value=-1.0, out=da)
-            torch.addcmul(i, i * g, g, value=-1.0, out=da[:, 2 * hidden : 3 * hidden])
-            da[:, :hidden].mul_(g)
-            da[:, hidden : 2 * hidden].mul_(cells[t])
-            da[:, 3 * hidden :].mul_(tanh_c).mul_(dh)
-            da.view(batch, 4, hidden)[:, :3].mul_(dc.unsqueeze(1))
+            lstm_gate_gradients(gates[t], cells[t], tanh_cells[t], dh, dc, da)
             da_all[t].copy_(da)
             grad_bias.addmv_(da.t(), ones)  # in fp32, while da is in the caches
         flat = da_all.view(steps * batch, four_hidden)

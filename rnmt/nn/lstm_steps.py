@@ -23,8 +23,9 @@ at the end the steps' inputs, their gate gradients and pre_t's gradient were eac
 concatenated again: ~10 ms of a ~550 ms fp32 reference-model batch (profile of 20
 batches). This pass ran 1.016× the speed of that one in fp32 and 1.027× in bf16 (in one
 process, alternating, over 60 training batches). The gates and their gradients are
-hand-written as in `rnmt.nn.lstm_layer`, g from the same σ call as the other gates
-(tanh(z) = 2σ(2z) − 1, the g rows of the forward product's weight copy doubled):
+the encoder's bf16 layer's (`rnmt.nn.lstm_layer.lstm_cell_forward` and
+`lstm_gate_gradients`), g from the same σ call as the other gates (tanh(z) = 2σ(2z) − 1,
+the g rows of the forward product's weight copy doubled):
 
     dc_t = f_{t+1} ⊙ dc_{t+1} + dh_t ⊙ o ⊙ (1 − tanh²(c_t))
     da_i = dc_t ⊙ g ⊙ i(1−i)      da_f = dc_t ⊙ c_{t-1} ⊙ f(1−f)
@@ -41,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rnmt.nn.lstm_layer import double_g_rows
+from rnmt.nn.lstm_layer import double_g_rows, lstm_cell_forward, lstm_gate_gradients
 from rnmt.nn.onednn import onednn_linear, reorder_weight, training_rows
 from rnmt.precision import cpu_autocast_off
 
@@ -72,7 +73,7 @@ class _Pass:
 
     def __init__(self, weight: Tensor, pre: Tensor, dtype: torch.dtype) -> None:
         steps, rows, four_hidden = pre.shape
-        self.rows, self.steps, self.dtype = rows, steps, dtype
+        self.dtype = dtype
         self.weight_dtype = weight.dtype
         self.weight = weight.detach().to(dtype)
         self.packed = reorder_weight(double_g_rows(self.weight))
@@ -137,14 +138,11 @@ class _Step(torch.autograd.Function):
             gates = product.addcmul_(shared.pre[t], shared.g_scale)
         else:
             gates = torch.mul(shared.pre[t], shared.g_scale).add_(product[:rows])
-        i, f, g, o = gates.sigmoid_().chunk(4, dim=1)
-        g.mul_(2.0).sub_(1.0)  # 2σ(2a_g) − 1 = tanh(a_g)
-        c_new = torch.mul(f, c).addcmul_(i, g)
-        tanh_c = torch.tanh(c_new)
+        h_new, c_new, tanh_c = lstm_cell_forward(gates, c)
         ctx.save_for_backward(gates, c, tanh_c)
         ctx.shared, ctx.t = shared, t
         ctx.set_materialize_grads(False)
-        return o * tanh_c, c_new
+        return h_new, c_new
 
     @staticmethod
     def backward(ctx, grad_h: Tensor | None, grad_c: Tensor | None):  # type: ignore[override]
@@ -152,22 +150,11 @@ class _Step(torch.autograd.Function):
         shared: _Pass = ctx.shared
         t = ctx.t
         shared.last_reached = max(shared.last_reached, t)
-        rows, four_hidden = gates.shape
-        hidden = four_hidden // 4
-        i, f, g, o = gates.chunk(4, dim=1)
-        da = shared.grads[t]
+        rows, hidden = tanh_c.shape
         if grad_h is None:  # h_t reached the loss only through c_t's successors
             grad_h = torch.zeros_like(tanh_c)
-        dc = torch.addcmul(o, o, tanh_c * tanh_c, value=-1.0).mul_(grad_h)
-        if grad_c is not None:
-            dc.add_(grad_c)
-        # s(1 − s) for the σ gates; the g block is then overwritten with i(1 − g²)
-        torch.addcmul(gates, gates, gates, value=-1.0, out=da)
-        torch.addcmul(i, i * g, g, value=-1.0, out=da[:, 2 * hidden : 3 * hidden])
-        da[:, :hidden].mul_(g)
-        da[:, hidden : 2 * hidden].mul_(c)
-        da[:, 3 * hidden :].mul_(tanh_c).mul_(grad_h)
-        da.view(rows, 4, hidden)[:, :3].mul_(dc.unsqueeze(1))
+        dc = torch.zeros_like(tanh_c) if grad_c is None else grad_c.clone()
+        da = lstm_gate_gradients(gates, c, tanh_c, grad_h, dc, shared.grads[t])
         if shared.grads16 is None:
             grad_xh = da @ shared.weight
         else:
@@ -175,4 +162,5 @@ class _Step(torch.autograd.Function):
             operand[:rows].copy_(da)
             grad_xh = (operand @ shared.weight)[:rows].float()
         rest = grad_xh.size(1) - hidden
+        f = gates[:, hidden : 2 * hidden]
         return grad_xh[:, :rest], grad_xh[:, rest:], dc.mul_(f), torch.zeros(()), None, None

@@ -11,7 +11,8 @@ AVX2, 2 threads, torch 2.13 CPU), ms per product:
 
 - `OneDNNLinear`: inference (`rnmt.step_layers` swaps it into a loaded model).
 - `RecurrentProduct`: training, for a weight multiplied at every step of a teacher-forced
-  recurrence (`rnmt.nn.rnn.Stepper`).
+  recurrence (the attention's query projection, `rnmt.nn.attention.AttentionSteps`; the
+  decoder's gate product has its own pass with the gates, `rnmt.nn.lstm_steps`).
 
 The ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`) are the ones
 torch.compile's CPU backend packs weights with; a torch build without them, or without

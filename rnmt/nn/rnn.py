@@ -184,7 +184,8 @@ class RNN(nn.Module):
         pad_feature = padded.unsqueeze(-1).to(x.dtype)  # (batch, steps, 1)
         keep = 1.0 - pad_feature
         zero_start = state is None
-        within = torch.where(valid, lengths[:, None] - 1 - positions, positions)
+        within = None if zero_start else torch.where(valid, lengths[:, None] - 1 - positions,
+                                                       positions)
         last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
         if not bf16_layer:  # the pad feature's weights, for torch's kernel (i, f, g, o)
             pad_weights = x.new_zeros(4 * hidden, 1)
