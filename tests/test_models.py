@@ -8,7 +8,7 @@ import torch
 
 from rnmt.errors import ConfigError
 from rnmt.models import ModelConfig, build_model
-from rnmt.models.seq2seq import reverse_source
+from rnmt.models.seq2seq import reverse_source, step_log_probs
 from rnmt.vocab import EOS
 
 SMALL = dict(emb_dim=16, hidden_dim=16, dec_hidden_dim=24, attn_dim=12, output_dim=20,
@@ -156,6 +156,25 @@ def test_reference_cells_train_the_same_weights_as_fused():
         model(SRC, SRC_LENGTHS, TGT).logsumexp(-1).sum().backward()
     for (name, p_f), p_r in zip(fused.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p_r.grad, p_f.grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_log_probs_are_the_fp32_log_softmax_with_or_without_autograd(dtype):
+    """Without autograd the log-softmax overwrites fp32 logits (search's hot path); with
+    it, the logits stay as they are and the gradient is log_softmax's."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 50) * 4).to(dtype)
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        got = step_log_probs(logits.clone())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    leaf = logits.float().requires_grad_()
+    with_grad = step_log_probs(leaf)
+    torch.testing.assert_close(with_grad, expected)
+    with_grad[:, 0].sum().backward()  # ∂ log p_0 / ∂z = onehot(0) - p
+    torch.testing.assert_close(leaf.grad, torch.eye(50)[0].expand(6, 50) - expected.exp())
+    assert torch.equal(leaf.detach(), logits.float())
 
 
 def test_reverse_source_reverses_the_real_pieces_and_keeps_eos_last_and_padding_in_place():
