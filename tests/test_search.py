@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -41,6 +42,28 @@ def _forced_score(model, src, lengths, tokens):
     gold = torch.tensor(tokens + [EOS])
     log_probs = torch.log_softmax(model(src, lengths, tgt), -1)[0]
     return float(log_probs[torch.arange(len(gold)), gold].sum().detach())
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_lets_go_of_each_steps_log_probs_before_the_next_step(beam):
+    """The (rows, vocab) log-probabilities of step t are freed before step t+1 runs, so
+    that the allocator can hand their memory, still in the caches, to step t+1's."""
+    model = _model(0)
+    src, lengths = _batch(0)
+    alive_at_next_step = []
+    last: list[weakref.ref] = []
+    real_step = model.step
+
+    def step(prev, state, enc):
+        if last:
+            alive_at_next_step.append(last[0]() is not None)
+        log_probs, state, attn = real_step(prev, state, enc)
+        last[:] = [weakref.ref(log_probs)]
+        return log_probs, state, attn
+
+    model.step = step
+    search_nbest(model, src, lengths, SearchConfig(beam=beam, max_len_b=6))
+    assert len(alive_at_next_step) > 3 and not any(alive_at_next_step)
 
 
 def test_beam_of_one_equals_greedy():
