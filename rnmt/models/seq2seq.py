@@ -61,14 +61,15 @@ def step_log_probs(logits: Tensor) -> Tensor:
 
     Not as z - logsumexp(z): torch's logsumexp allocates a (batch, vocab) temporary all
     the same, and its five passes took twice the time of the fused log_softmax in a beam-5
-    profile. Without autograd the log-softmax overwrites the logits, which nothing reads
-    again (the CPU kernel finishes a row's max and sum before it writes the row): beam 5
-    over Multi30k test_2016 with the reference model ran 1.022x as fast in fp32 and
-    1.022-1.047x with `--precision bf16` as with a fresh (batch, vocab) result every step
-    (one process, runs alternating), the output the same."""
+    profile. On a CPU without autograd the log-softmax overwrites the logits, which
+    nothing reads again (the CPU kernel finishes a row's max and sum before it writes the
+    row): beam 5 over Multi30k test_2016 with the reference model ran 1.022x as fast in
+    fp32 and 1.022-1.047x with `--precision bf16` as with a fresh (batch, vocab) result
+    every step (one process, runs alternating), the output the same. Elsewhere (a GPU,
+    whose cached allocator gains nothing from it, unmeasured) a fresh result as before."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if logits.requires_grad:
+    if logits.requires_grad or logits.device.type != "cpu":
         return F.log_softmax(logits, dim=-1)
     return torch.log_softmax(logits, -1, out=logits)
 
