@@ -41,7 +41,7 @@ def translate(
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16: the model's numbers (log-probabilities stay fp32). On a GPU bf16/fp16 are the fast path; on a CPU bf16 pays only with AMX/AVX512-BF16 and fp16 is refused.")] = "fp32",
     quantize: Annotated[str, typer.Option(help="none, or int8: int8 weights for the decoder's per-step layers (RNN, attention query, output layer, vocabulary projection); CPU only (--device auto picks the CPU for it), the fast CPU path.")] = "none",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
-    workers: Annotated[int, typer.Option(help="CPU: search this many batches at once, each on threads/workers threads (2 on 2 cores: ~1.2x int8 beam 5, little for fp32; same output, more memory).")] = 1,
+    workers: Annotated[int, typer.Option(help="CPU: search this many batches at once, each on threads/workers threads (2 on 2 cores: ~1.1x beam 5, ~1.2x int8; the same search, more memory).")] = 1,
 ) -> None:
     """Translate stdin to stdout, one line in, one line out."""
     import torch

@@ -12,7 +12,8 @@ from rnmt.data import pad_sentences
 from rnmt.models import ModelConfig, build_model
 from rnmt.models.ensemble import Ensemble
 from rnmt.nn.rnn import RNN
-from rnmt.quantize import Int8Linear, quantize_for_inference
+from rnmt.quantize import (Int8Linear, _onednn_int8_available, onednn_int8_runs,
+                           quantize_activation, quantize_for_inference)
 from rnmt.search import SearchConfig, beam_search, greedy_search
 from rnmt.step_layers import StepRecurrent
 from rnmt.translator import Translator
@@ -23,21 +24,64 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float((approx - exact).detach().norm() / exact.detach().norm())
 
 
-def test_int8_linear_is_close_to_the_float_linear():
+# Both kernels where this torch runs them: oneDNN's (the default on AMX CPUs) and fbgemm's.
+BACKENDS = [pytest.param("onednn", marks=pytest.mark.skipif(
+    not _onednn_int8_available(), reason="this torch build has no oneDNN int8 kernels")),
+    "fbgemm"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("leading", [(3, 11), (64, 5), (1,)])  # 33 rows run padded to 40
+def test_int8_linear_is_close_to_the_float_linear(backend, leading):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200)
-    x = torch.randn(3, 11, 96)  # any leading dimensions, as nn.Linear
-    y = Int8Linear.from_linear(linear)(x)
-    assert y.shape == (3, 11, 200) and y.dtype == torch.float32
+    x = torch.randn(*leading, 96)  # any leading dimensions, as nn.Linear
+    y = Int8Linear(linear.weight, linear.bias, backend=backend)(x)
+    assert y.shape == (*leading, 200) and y.dtype == torch.float32
     assert _relative_error(y, F.linear(x, linear.weight, linear.bias)) < 0.02
 
 
-def test_int8_weights_are_within_half_a_step_of_the_float_weights():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_weights_are_within_half_a_step_of_the_float_weights(backend):
     torch.manual_seed(1)
     weight = torch.randn(64, 40) * torch.logspace(-3, 0, 64).unsqueeze(1)  # rows of all sizes
-    dequantized = Int8Linear(weight).dequantized_weight()
+    dequantized = Int8Linear(weight, backend=backend).dequantized_weight()
     step = weight.abs().amax(dim=1, keepdim=True) / 127  # one scale per output row
     assert bool(((dequantized - weight).abs() <= step / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_int8_product_is_the_product_of_the_quantized_operands(backend):
+    """What the kernel computes, exactly enough to tell a wrong scale or zero point: the
+    fp32 product of the dequantised weight and the dequantised input, plus the bias."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(48, 30)
+    x = torch.rand(7, 48) * 3 - 0.5  # skewed: a zero point far from the middle
+    layer = Int8Linear(linear.weight, linear.bias, backend=backend)
+    x_seen, tolerance = x, 2e-2  # fbgemm quantises x inside, over 7 bits: loosely
+    if backend == "onednn":
+        q, scale, zero_point = quantize_activation(x, 8)
+        x_seen, tolerance = scale * (q[:7].float() - zero_point), 1e-5
+    expected = x_seen @ layer.dequantized_weight().t() + linear.bias
+    assert _relative_error(layer(x), expected) < tolerance
+
+
+def test_activations_are_quantized_to_within_half_a_step_with_zero_exact():
+    torch.manual_seed(2)
+    for x in (torch.rand(5, 9) * 4 - 1, torch.rand(5, 9) + 2, -torch.rand(5, 9),
+              torch.zeros(5, 9)):
+        x[0, 0] = 0.0
+        q, scale, zero_point = quantize_activation(x, 8)
+        assert q.dtype == torch.uint8 and q.shape == (8, 9)
+        assert bool((q[5:] == 0).all())  # padding rows: the kernel's shape only
+        back = scale * (q[:5].float() - zero_point)
+        assert float(back[0, 0]) == 0.0
+        assert bool(((back - x).abs() <= scale / 2 + 1e-6).all())
+
+
+def test_the_default_int8_kernel_is_onednn_exactly_where_it_runs():
+    layer = Int8Linear(torch.randn(8, 4))
+    assert layer.backend == ("onednn" if onednn_int8_runs() else "fbgemm")
 
 
 def test_a_quantized_model_swaps_the_per_step_layers_and_keeps_the_encoder():
