@@ -68,15 +68,18 @@ def test_the_int8_product_is_the_product_of_the_quantized_operands(backend):
 
 def test_activations_are_quantized_to_within_half_a_step_with_zero_exact():
     torch.manual_seed(2)
-    for x in (torch.rand(5, 9) * 4 - 1, torch.rand(5, 9) + 2, -torch.rand(5, 9),
-              torch.zeros(5, 9)):
+    # skewed, all positive, all negative, all zero; then ranges and offsets at random: the
+    # extremes map next to 0 and 255 and must neither wrap around nor fall outside
+    fixed = [torch.rand(5, 9) * 4 - 1, torch.rand(5, 9) + 2, -torch.rand(5, 9), torch.zeros(5, 9)]
+    fuzz = [(torch.rand(5, 9) - torch.rand(())) * 10 ** (6 * torch.rand(()) - 3) for _ in range(300)]
+    for x in fixed + fuzz:
         x[0, 0] = 0.0
         q, scale, zero_point = quantize_activation(x, 8)
         assert q.dtype == torch.uint8 and q.shape == (8, 9)
         assert bool((q[5:] == 0).all())  # padding rows: the kernel's shape only
         back = scale * (q[:5].float() - zero_point)
         assert float(back[0, 0]) == 0.0
-        assert bool(((back - x).abs() <= scale / 2 + 1e-6).all())
+        assert bool(((back - x).abs() <= scale * (0.5 + 1e-4)).all())
 
 
 def test_the_default_int8_kernel_is_onednn_exactly_where_it_runs():
