@@ -42,6 +42,12 @@ def test_int8_linear_is_close_to_the_float_linear(backend, leading):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_linear_takes_no_rows(backend):
+    layer = Int8Linear(torch.randn(200, 96), torch.randn(200), backend=backend)
+    assert layer(torch.randn(0, 4, 96)).shape == (0, 4, 200)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_weights_are_within_half_a_step_of_the_float_weights(backend):
     torch.manual_seed(1)
     weight = torch.randn(64, 40) * torch.logspace(-3, 0, 64).unsqueeze(1)  # rows of all sizes
