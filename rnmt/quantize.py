@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from rnmt.errors import ConfigError
-from rnmt.nn.onednn import row_bucket
+from rnmt.nn.onednn import pad_rows, row_bucket
 from rnmt.step_layers import swap_step_layers
 
 QUANTIZATIONS = ("none", "int8")
@@ -128,7 +128,7 @@ def quantize_activation(x: Tensor, rows: int) -> tuple[Tensor, float, int]:
     """x (n, in) fp32 -> (q, s_x, z_x): q (rows, in) uint8, its first n rows x quantised,
     x ≈ s_x (q − z_x), one scale and zero point over the whole tensor, its range [min, max]
     widened to hold 0 (so that 0, the padding of every attention and gate input, is exact);
-    rows n..rows−1 are 0 (the kernel's shape, `row_bucket`; never read back).
+    rows n..rows−1 are 0 (`pad_rows`: the kernel's shape, `row_bucket`; never read back).
 
     In plain torch ops, not `torch.quantize_per_tensor_dynamic`: quantised tensors are
     deprecated (torch 2.13). Three passes over x: its range, x/s_x + z_x + ½ (one `add`),
@@ -144,13 +144,7 @@ def quantize_activation(x: Tensor, rows: int) -> tuple[Tensor, float, int]:
     scale = max(hi - lo, 1e-12) / 254.9
     zero_point = round(-lo / scale)
     y = torch.add(torch.tensor(zero_point + 0.5), x, alpha=1.0 / scale)
-    n = x.size(0)
-    if n == rows:
-        return y.to(torch.uint8), scale, zero_point
-    q = torch.empty((rows, x.size(1)), dtype=torch.uint8)
-    q[:n].copy_(y)
-    q[n:].zero_()
-    return q, scale, zero_point
+    return pad_rows(y, torch.uint8, rows), scale, zero_point  # the cast is pad_rows' copy
 
 
 class Int8Linear(nn.Module):
