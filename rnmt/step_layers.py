@@ -6,7 +6,9 @@ replaces, in a loaded model, exactly those layers: the decoder RNN (by a `StepRe
 with the same `step(x, state)` as `rnmt.nn.rnn.RNN`), the attention's query projection
 W_q, the deep-output / Luong output layer, the tied projection and the vocabulary
 projection, each by `linear(weight, bias)`. The encoder, embeddings, gate arithmetic and
-attention scores stay as they are. Two kinds of `linear`:
+attention scores stay as they are. In fp32, an attentive decoder's products also leave
+out the previous piece's embedding, whose share is looked up (`TokenProducts`). Two kinds
+of `linear`:
 
 - `OneDNNLinear` (`rnmt.nn.onednn`, with the measurements): fp32, the weight reordered
   once into oneDNN's blocked layout. `pack_for_cpu` swaps these in for every fp32
@@ -57,16 +59,24 @@ class StepRecurrent(nn.Module):
     hidden), a pair (h, c) for an LSTM.
     """
 
-    def __init__(self, rnn: RNN, linear: LinearFactory) -> None:
+    def __init__(self, rnn: RNN, linear: LinearFactory, token_dim: int = 0) -> None:
+        """`token_dim` > 0 (LSTM and tanh RNN): the first `token_dim` input columns of layer
+        0 (a decoder's E y_{t-1}) are left out of its product; `step` then takes their
+        share of it, W_ih[:, :token_dim] E y_{t-1}, as `token_part` (`TokenProducts`)."""
         super().__init__()
         if rnn.directions != 1:
             raise ValueError("StepRecurrent steps a unidirectional stack")
+        if token_dim and rnn.cell == "gru":
+            raise ValueError("StepRecurrent takes a token part for LSTM and tanh RNN cells")
         self.cell = rnn.cell
         self.num_layers = rnn.num_layers
         self.hidden_size = rnn.hidden_size
+        self.token_dim = token_dim
         self.gemms = nn.ModuleList()
         for k in range(rnn.num_layers):
             w_ih = getattr(rnn.layer, f"weight_ih_l{k}")
+            if k == 0:
+                w_ih = w_ih[:, token_dim:]
             w_hh = getattr(rnn.layer, f"weight_hh_l{k}")
             b_ih = getattr(rnn.layer, f"bias_ih_l{k}", None)
             b_hh = getattr(rnn.layer, f"bias_hh_l{k}", None)
@@ -76,23 +86,37 @@ class StepRecurrent(nn.Module):
                 bias = None if b_ih is None else b_ih + b_hh
                 self.gemms.append(linear(torch.cat([w_ih, w_hh], dim=1), bias))
 
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One time step of the whole stack (as `RNN.step`, without training dropout)."""
-        return step_stack(self._step_layer, self.num_layers, x, state)
+    def step(self, x: Tensor | None, state: State, token_part: Tensor | None = None
+             ) -> tuple[Tensor, State]:
+        """One time step of the whole stack (as `RNN.step`, without training dropout).
+        With `token_dim`: x is layer 0's input without its token columns (None when there
+        is nothing else), and `token_part` (batch, gates) their share of its product."""
+        if not self.token_dim:
+            return step_stack(self._step_layer, self.num_layers, x, state)
+        assert token_part is not None
 
-    def _step_layer(self, k: int, x: Tensor, state: State) -> State:
+        def step_layer(k: int, x: Tensor | None, state: State) -> State:
+            return self._step_layer(k, x, state, token_part if k == 0 else None)
+        return step_stack(step_layer, self.num_layers, x, state)  # type: ignore[arg-type]
+
+    def _step_layer(self, k: int, x: Tensor | None, state: State,
+                    token_part: Tensor | None = None) -> State:
         """Layer k, one step: x (batch, input) and its state -> its new state."""
+        if self.cell == "gru":
+            assert isinstance(state, Tensor) and x is not None
+            return self._gru(k, x, state)
+        h = state[0] if isinstance(state, tuple) else state
+        a = self.gemms[k](h if x is None else torch.cat([x, h], dim=-1))
+        if token_part is not None:
+            a.add_(token_part)
         if self.cell == "lstm":
             assert isinstance(state, tuple)
-            return self._lstm(k, x, *state)
-        assert isinstance(state, Tensor)
-        if self.cell == "gru":
-            return self._gru(k, x, state)
-        return torch.tanh(self.gemms[k](torch.cat([x, state], dim=-1)))
+            return self._lstm(a, state[1])
+        return torch.tanh(a)
 
-    def _lstm(self, k: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """x (batch, input), h and c (batch, hidden) -> the new (h, c)."""
-        gates = self.gemms[k](torch.cat([x, h], dim=-1))
+    def _lstm(self, gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's gate pre-activations (batch, 4 hidden) and c (batch, hidden) -> the
+        new (h, c)."""
         H = self.hidden_size
         # In place on the fresh product: i and f are adjacent, so one sigmoid call.
         gates[:, : 2 * H].sigmoid_()
@@ -120,11 +144,72 @@ class StepRecurrent(nn.Module):
         start from the bridge's state, a language model from its zeros (`init_state`)."""
         if lengths is not None:
             raise ValueError("StepRecurrent runs decoders: whole rows, no lengths")
+        if self.token_dim:
+            raise ValueError("a StepRecurrent without its token columns runs step by step")
         outputs = []
         for t in range(x.size(1)):
             out, state = self.step(x[:, t], state)
             outputs.append(out)
         return torch.stack(outputs, dim=1), state
+
+
+# The most a decoder's `TokenProducts` table holds: 512 pieces of the reference model
+# (rows of 2,560 fp32 values), 87 % of the rows of a beam-5 search over Multi30k test_2016
+# (1,024 pieces: 94 %). Beam 5 over test_2016, fp32, in one process against the full
+# products: 1.027x with this cap (peak RSS of `rnmt translate` 372 -> 374 MB), 1.048x
+# with 10 MB (-> 392 MB), 1.05-1.08x with the whole vocabulary's 40 MB.
+TOKEN_TABLE_BYTES = 5 << 20
+
+
+class TokenProducts:
+    """The previous piece's share of a decoder step's products, looked up by piece id.
+
+    An attentive decoder multiplies E y_{t-1} (batch, emb) into its RNN's input product,
+    and Bahdanau's deep output once more: W_e E y_{t-1} for each such column block W_e
+    (out_i, emb). It depends on the piece alone, so for the most frequent pieces (ids are
+    in frequency order: `rnmt.vocab`) it is a row of a table computed once at loading,
+    and the step multiplies the other columns only; rarer pieces get the product, for
+    their rows alone. The table's size is capped (`TOKEN_TABLE_BYTES`): a row is ten
+    times the embedding's, and translation's memory is a target of its own.
+
+        table[y] = E[y] [W_1; W_2; …]ᵀ          (rows, Σ out_i), fp32
+
+    Shapes: ids (batch,) -> one (batch, out_i) part per weight, fp32.
+    """
+
+    def __init__(self, embedding: Tensor, weights: list[Tensor], max_bytes: int | None = None
+                 ) -> None:
+        max_bytes = TOKEN_TABLE_BYTES if max_bytes is None else max_bytes
+        self.sizes = [w.size(0) for w in weights]
+        self.embedding = embedding.detach()
+        self.weight_t = torch.cat(weights).detach().t().contiguous()  # (emb, Σ out)
+        rows = max(1, min(self.embedding.size(0), max_bytes // (4 * sum(self.sizes))))
+        self.table = self.embedding[:rows] @ self.weight_t
+
+    def __call__(self, ids: Tensor) -> list[Tensor]:
+        rows = self.table.size(0)
+        parts = self.table.index_select(0, ids.clamp(max=rows - 1))
+        if rows < self.embedding.size(0):
+            rare = (ids >= rows).nonzero().squeeze(1)
+            if rare.numel():
+                parts.index_copy_(0, rare, self.embedding[ids[rare]] @ self.weight_t)
+        return list(parts.split(self.sizes, dim=-1))
+
+
+def _look_up_tokens(decoder: nn.Module, linear: LinearFactory) -> None:
+    """An attentive decoder with an LSTM or tanh RNN: its step products without the
+    columns of E y_{t-1}, whose share comes from a `TokenProducts` (`decoder.token_products`:
+    the RNN's part, then Bahdanau's deep output's: o_t = tanh(W_o [s_t; c_t; E y_{t-1}]),
+    the embedding's columns last)."""
+    emb_dim = decoder.embed.embedding_dim
+    rnn: RNN = decoder.rnn
+    weights = [rnn.layer.weight_ih_l0[:, :emb_dim]]
+    decoder.rnn = StepRecurrent(rnn, linear, token_dim=emb_dim)
+    if decoder.bahdanau:
+        weight, bias = decoder.output.weight, decoder.output.bias
+        weights.append(weight[:, -emb_dim:])
+        decoder.output = linear(weight[:, :-emb_dim], bias)
+    decoder.token_products = TokenProducts(decoder.embed.weight, weights)
 
 
 def _swap_linear(parent: nn.Module, name: str, linear: LinearFactory) -> None:
@@ -135,9 +220,12 @@ def _swap_linear(parent: nn.Module, name: str, linear: LinearFactory) -> None:
 
 
 @torch.no_grad()
-def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
+def swap_step_layers(model: nn.Module, linear: LinearFactory, look_up_tokens: bool = False
+                     ) -> nn.Module:
     """Swap the per-step layers of a loaded fp32 CPU model (Seq2Seq, LanguageModel or an
     Ensemble of them) for ones built by `linear`, in place, and return it, in eval mode.
+    `look_up_tokens`: an attentive decoder with an LSTM or tanh RNN takes the previous
+    piece's share of its products from a table (`TokenProducts`).
 
     A tied output projection (Press & Wolf) is swapped as the generator only: the
     embedding it shares its matrix with stays as it is.
@@ -145,7 +233,10 @@ def swap_step_layers(model: nn.Module, linear: LinearFactory) -> nn.Module:
     members = getattr(model, "members", None)
     for member in members if members is not None else [model]:
         decoder = getattr(member, "decoder", member)  # a language model is its own decoder
-        if isinstance(decoder.rnn, RNN):
+        if (look_up_tokens and hasattr(decoder, "token_products")
+                and isinstance(decoder.rnn, RNN) and decoder.rnn.cell != "gru"):
+            _look_up_tokens(decoder, linear)
+        elif isinstance(decoder.rnn, RNN):
             decoder.rnn = StepRecurrent(decoder.rnn, linear)
         _swap_linear(decoder, "output", linear)
         attention = getattr(decoder, "attention", None)
@@ -171,4 +262,7 @@ def pack_for_cpu(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
     says no."""
     if not can_pack(model, dtype):
         return model
-    return swap_step_layers(model, functools.partial(OneDNNLinear, dtype=dtype))
+    # The token table pays in fp32 only: next to bf16 products, its rare pieces' fp32
+    # product cost more than it saved (0.95x; int8 1.00x with a full table).
+    return swap_step_layers(model, functools.partial(OneDNNLinear, dtype=dtype),
+                            look_up_tokens=dtype == torch.float32)

@@ -12,7 +12,8 @@ from rnmt.nn.rnn import RNN
 from rnmt.quantize import Int8Linear
 from rnmt.search import SearchConfig
 from rnmt.nn.onednn import OneDNNLinear, onednn_available
-from rnmt.step_layers import StepRecurrent, pack_for_cpu
+import rnmt.step_layers
+from rnmt.step_layers import StepRecurrent, TokenProducts, pack_for_cpu
 from rnmt.translator import Translator, prepare_model
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
@@ -89,19 +90,44 @@ def _model(**overrides):
     return build_model(config).eval()
 
 
+def test_token_products_are_the_embeddings_products_in_and_beyond_the_table():
+    torch.manual_seed(0)
+    embedding = torch.randn(50, 8)
+    weights = [torch.randn(12, 8), torch.randn(5, 8)]
+    ids = torch.tensor([0, 9, 10, 49, 3, 10, 31])
+    for max_bytes, rows in ((10 * 17 * 4, 10), (1, 1), (1 << 20, 50)):
+        products = TokenProducts(embedding, weights, max_bytes)
+        assert products.table.shape == (rows, 17)
+        parts = products(ids)
+        assert [p.shape for p in parts] == [(7, 12), (7, 5)]
+        for part, weight in zip(parts, weights):
+            torch.testing.assert_close(part, embedding[ids] @ weight.t())
+
+
 @needs_onednn
+@pytest.mark.parametrize("table_bytes", [None, 1])  # the whole vocabulary; one piece
 @pytest.mark.parametrize("overrides", [dict(tie_embeddings=True), dict(arch="seq2seq"),
                                        dict(attention="general", input_feeding=True),
-                                       dict(arch="lm")])
-def test_a_packed_model_computes_what_the_model_computes(overrides):
+                                       dict(attention="general"), dict(cell="rnn"),
+                                       dict(cell="gru"), dict(dec_layers=2), dict(arch="lm")])
+def test_a_packed_model_computes_what_the_model_computes(overrides, table_bytes, monkeypatch):
+    if table_bytes is not None:
+        monkeypatch.setattr(rnmt.step_layers, "TOKEN_TABLE_BYTES", table_bytes)
     model = _model(**overrides)
     src = torch.randint(4, 30, (3, 7))
     lengths, tgt = torch.tensor([7, 5, 2]), torch.randint(4, 30, (3, 6))
+    decoder = model.decoder if hasattr(model, "decoder") else model
+    rnn_input = decoder.rnn.layer.weight_ih_l0.size(1)
     with torch.no_grad():
         exact = model(src, lengths, tgt)
-        packed = pack_for_cpu(model)
-        assert isinstance(packed.decoder.rnn if hasattr(packed, "decoder") else packed.rnn,
-                          StepRecurrent)
+        packed = pack_for_cpu(model)  # in place
+        assert isinstance(decoder.rnn, StepRecurrent)
+        # An attentive decoder with an LSTM or tanh RNN looks its embeddings' products up,
+        # and its products leave out the embedding's columns.
+        looks_up = hasattr(decoder, "attention") and overrides.get("cell") != "gru"
+        assert (getattr(decoder, "token_products", None) is not None) == looks_up
+        if looks_up:  # [x_t; h_{t-1}] without E y_{t-1}: emb 16, decoder hidden 24
+            assert decoder.rnn.gemms[0].in_features == rnn_input - 16 + 24
         torch.testing.assert_close(packed(src, lengths, tgt), exact, rtol=1e-4, atol=1e-5)
 
 
@@ -145,7 +171,11 @@ def test_bf16_on_the_cpu_multiplies_in_bf16_and_keeps_the_rest_fp32():
 
 
 @needs_onednn
-def test_packed_translation_is_the_unpacked_translation(trained_checkpoint, corpus_dir):
+@pytest.mark.parametrize("table_bytes", [None, 1])  # the default table; rare pieces only
+def test_packed_translation_is_the_unpacked_translation(trained_checkpoint, corpus_dir,
+                                                        table_bytes, monkeypatch):
+    if table_bytes is not None:
+        monkeypatch.setattr(rnmt.step_layers, "TOKEN_TABLE_BYTES", table_bytes)
     lines = (corpus_dir / "test.en").read_text("utf-8").splitlines()[:40]
     config = SearchConfig(beam=4, nbest=2)
     results = [Translator.load(trained_checkpoint, config, device="cpu", pack=pack).nbest(lines)

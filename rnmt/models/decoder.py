@@ -31,6 +31,7 @@ cells, whatever the architecture (same results, slower). Search always uses `ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,9 @@ class AttentionDecoder(nn.Module):
         out_input = hidden_dim + memory_dim + (emb_dim if self.bahdanau else 0)
         self.output = Linear(out_input, output_dim, bias=True)
         self.output_dim = output_dim
+        # Inference only (`rnmt.step_layers.TokenProducts`, set by `swap_step_layers`):
+        # E y_{t-1}'s share of the step's products by lookup; None: multiplied each step.
+        self.token_products: Callable[[Tensor], list[Tensor]] | None = None
 
     def keys(self, memory: Tensor) -> Tensor:
         return self.attention.keys(memory)
@@ -99,8 +103,26 @@ class AttentionDecoder(nn.Module):
         self, prev: Tensor, state: DecoderState, enc: EncoderOut
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """One target position: prev (batch,) ids -> o_t (batch, output_dim), state, attn."""
+        if self.token_products is not None:
+            return self._step_looked_up(prev, state, enc)
         emb = self.dropout(self.embed(prev))
         return self._step(emb, state, enc)
+
+    def _step_looked_up(
+        self, prev: Tensor, state: DecoderState, enc: EncoderOut
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """`_step` in a model swapped for inference (eval mode, no dropout), whose RNN and
+        deep output leave out E y_{t-1}'s columns: their share comes by lookup."""
+        assert enc.keys is not None and self.token_products is not None
+        parts = self.token_products(prev)
+        if self.bahdanau:
+            context, attn = self.attention(_top(state.hidden), enc.keys, enc.memory, enc.mask)
+            s, hidden = self.rnn.step(context, state.hidden, parts[0])
+            o = torch.tanh(self.output(torch.cat([s, context], dim=-1)).add_(parts[1]))
+        else:
+            s, hidden = self.rnn.step(state.feed, state.hidden, parts[0])  # feed: None without
+            o, attn = self._luong_output(s, enc)
+        return o, DecoderState(hidden, o if self.input_feeding else None), attn
 
     def _step(
         self, emb: Tensor, state: DecoderState, enc: EncoderOut
@@ -135,6 +157,12 @@ class AttentionDecoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Teacher forcing over the whole target: o (batch, tgt_len, output_dim), attn."""
         assert enc.keys is not None
+        if self.token_products is not None:  # swapped for inference: step by step
+            steps = []
+            for t in range(tgt_in.size(1)):
+                o, state, attn = self.step(tgt_in[:, t], state, enc)
+                steps.append((o, attn))
+            return torch.stack([o for o, _ in steps], 1), torch.stack([a for _, a in steps], 1)
         emb = self.dropout(self.embed(tgt_in))
         if not self.bahdanau and not self.input_feeding:
             s, _ = self.rnn(emb, None, state.hidden)  # one fused call over all steps
