@@ -102,43 +102,35 @@ class AttentionDecoder(nn.Module):
     def step(
         self, prev: Tensor, state: DecoderState, enc: EncoderOut
     ) -> tuple[Tensor, DecoderState, Tensor]:
-        """One target position: prev (batch,) ids -> o_t (batch, output_dim), state, attn."""
-        if self.token_products is not None:
-            return self._step_looked_up(prev, state, enc)
-        emb = self.dropout(self.embed(prev))
-        return self._step(emb, state, enc)
+        """One target position: prev (batch,) ids -> o_t (batch, output_dim), state, attn.
 
-    def _step_looked_up(
-        self, prev: Tensor, state: DecoderState, enc: EncoderOut
-    ) -> tuple[Tensor, DecoderState, Tensor]:
-        """`_step` in a model swapped for inference (eval mode, no dropout), whose RNN and
-        deep output leave out E y_{t-1}'s columns: their share comes by lookup."""
-        assert enc.keys is not None and self.token_products is not None
-        parts = self.token_products(prev)
+        In a model swapped for inference with `token_products`, the RNN and the deep output
+        leave out E y_{t-1}'s columns and its share of their products comes by lookup."""
+        assert enc.keys is not None
+        parts = None if self.token_products is None else self.token_products(prev)
+        emb = self.dropout(self.embed(prev)) if parts is None else None
         if self.bahdanau:
             context, attn = self.attention(_top(state.hidden), enc.keys, enc.memory, enc.mask)
-            s, hidden = self.rnn.step(context, state.hidden, parts[0])
-            o = torch.tanh(self.output(torch.cat([s, context], dim=-1)).add_(parts[1]))
+            s, hidden = self._rnn_step(emb, context, state.hidden, parts)
+            if parts is None:
+                o = self.output(torch.cat([s, context, emb], dim=-1))
+            else:
+                o = self.output(torch.cat([s, context], dim=-1)).add_(parts[1])
+            o = self.dropout(torch.tanh(o))
         else:
-            s, hidden = self.rnn.step(state.feed, state.hidden, parts[0])  # feed: None without
+            feed = state.feed if self.input_feeding else None
+            s, hidden = self._rnn_step(emb, feed, state.hidden, parts)
             o, attn = self._luong_output(s, enc)
         return o, DecoderState(hidden, o if self.input_feeding else None), attn
 
-    def _step(
-        self, emb: Tensor, state: DecoderState, enc: EncoderOut
-    ) -> tuple[Tensor, DecoderState, Tensor]:
-        assert enc.keys is not None
-        if self.bahdanau:
-            top = _top(state.hidden)
-            context, attn = self.attention(top, enc.keys, enc.memory, enc.mask)
-            s, hidden = self.rnn.step(torch.cat([emb, context], dim=-1), state.hidden)
-            o = torch.tanh(self.output(torch.cat([s, context, emb], dim=-1)))
-            o = self.dropout(o)
-        else:
-            x = torch.cat([emb, state.feed], dim=-1) if self.input_feeding else emb
-            s, hidden = self.rnn.step(x, state.hidden)
-            o, attn = self._luong_output(s, enc)
-        return o, DecoderState(hidden, o if self.input_feeding else None), attn
+    def _rnn_step(self, emb: Tensor | None, rest: Tensor | None, hidden: State,
+                  parts: list[Tensor] | None) -> tuple[Tensor, State]:
+        """The RNN's step on [E y_{t-1}; rest] (rest: c_t or h̃_{t-1}, None without), or,
+        with looked-up `parts`, on rest alone with E y_{t-1}'s share added."""
+        if parts is not None:
+            return self.rnn.step(rest, hidden, parts[0])
+        assert emb is not None
+        return self.rnn.step(emb if rest is None else torch.cat([emb, rest], dim=-1), hidden)
 
     def _luong_output(self, s: Tensor, enc: EncoderOut, attend: AttentionSteps | None = None
                       ) -> tuple[Tensor, Tensor]:
