@@ -91,9 +91,7 @@ class StepRecurrent(nn.Module):
         """One time step of the whole stack (as `RNN.step`, without training dropout).
         With `token_dim`: x is layer 0's input without its token columns (None when there
         is nothing else), and `token_part` (batch, gates) their share of its product."""
-        if not self.token_dim:
-            return step_stack(self._step_layer, self.num_layers, x, state)
-        assert token_part is not None
+        assert (token_part is not None) == bool(self.token_dim)
 
         def step_layer(k: int, x: Tensor | None, state: State) -> State:
             return self._step_layer(k, x, state, token_part if k == 0 else None)

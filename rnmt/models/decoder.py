@@ -150,11 +150,12 @@ class AttentionDecoder(nn.Module):
         """Teacher forcing over the whole target: o (batch, tgt_len, output_dim), attn."""
         assert enc.keys is not None
         if self.token_products is not None:  # swapped for inference: step by step
-            steps = []
+            outputs, attns = [], []
             for t in range(tgt_in.size(1)):
                 o, state, attn = self.step(tgt_in[:, t], state, enc)
-                steps.append((o, attn))
-            return torch.stack([o for o, _ in steps], 1), torch.stack([a for _, a in steps], 1)
+                outputs.append(o)
+                attns.append(attn)
+            return torch.stack(outputs, dim=1), torch.stack(attns, dim=1)
         emb = self.dropout(self.embed(tgt_in))
         if not self.bahdanau and not self.input_feeding:
             s, _ = self.rnn(emb, None, state.hidden)  # one fused call over all steps
