@@ -15,6 +15,15 @@
 #   TRANSLATE_RUNS=N (default 3): rounds of translation, each toolkit and variant in turn.
 #   PEER_TOOLKITS="onmt" (default "joey onmt"): the peers to run beside rnmt; leaving Joey
 #   NMT out saves ~20 minutes (its training and translations).
+#   SPEED_ROUNDS=N (default 0): after the trainings, N rounds of short trainings from
+#   scratch, SPEED_SECONDS each (default 240), every peer then rnmt (then rnmt bf16) in
+#   each round, logging every 10 updates: training throughput measured interleaved, so
+#   that a slow spell of this shared machine slows every toolkit alike (the 15-minute
+#   trainings run one after the other, and their ratio moves with the machine). The table
+#   adds the median over the rounds of each one's throughput after its first 100 updates
+#   (peers_table.py, WARM_UP) and of the per-round ratios.
+#   SPEED_ONLY=1: the rounds alone (3 unless SPEED_ROUNDS says), the other rows again
+#   from an earlier run's files in OUT, as with TRANSLATE_ONLY.
 # Needs the peers set up once: PEERS (default ~/.cache/rnmt-peers) holding joey/, onmt/,
 # tools/ and data/ (../shared/bench/setup-peers.sh, then prep_data.py). Run nothing else
 # heavy meanwhile: the toolkits run one at a time on 2 threads each.
@@ -53,9 +62,13 @@ for need in "$PEERS/joey/bin/python" "$PEERS/onmt/bin/onmt_train" "$PEERS/tools/
         "(../shared/bench/setup-peers.sh, then prep_data.py)" >&2; exit 2; }
 done
 translate_only="${TRANSLATE_ONLY:-0}"
-if [ "$translate_only" = 1 ]; then
-    [ -e "$out/rnmt/run/last.pt" ] || { echo "peers.sh: TRANSLATE_ONLY=1 needs an earlier" \
-        "run's checkpoints; $out/rnmt/run/last.pt is missing" >&2; exit 2; }
+speed_only="${SPEED_ONLY:-0}"
+speed_rounds="${SPEED_ROUNDS:-0}"
+[ "$speed_only" = 1 ] && [ "$speed_rounds" = 0 ] && speed_rounds=3
+speed_seconds="${SPEED_SECONDS:-240}"
+if [ "$translate_only" = 1 ] || [ "$speed_only" = 1 ]; then
+    [ -e "$out/rnmt/run/last.pt" ] || { echo "peers.sh: TRANSLATE_ONLY=1 or SPEED_ONLY=1" \
+        "needs an earlier run's files; $out/rnmt/run/last.pt is missing" >&2; exit 2; }
 else
     : > "$out/run.log"
 fi
@@ -76,9 +89,17 @@ if [ "$budget" -lt 300 ]; then
         -e 's/^report_every:.*/report_every: 10/' "$bench/configs/onmt_rnn.yaml" > "$onmt_cfg"
 fi
 
+# bf16 training runs on a CPU whose bf16 matrix units oneDNN uses (AMX / AVX512-BF16;
+# elsewhere bf16 would be emulated, so there is no row)
+bf16_train=0
+if [ "${RNMT_BF16_TRAIN:-auto}" != 0 ] && "$py" -c \
+    "import sys, torch; sys.exit(not torch.ops.mkldnn._is_mkldnn_bf16_supported())" 2>/dev/null; then
+    bf16_train=1
+fi
+
 # --- training, one toolkit at a time ----------------------------------------------------
 r="$out/rnmt"
-if [ "$translate_only" != 1 ]; then
+if [ "$translate_only" != 1 ] && [ "$speed_only" != 1 ]; then
     for tk in $toolkits; do
         log "train ${names[$tk]}"
         cfg="${tk}_cfg"
@@ -97,11 +118,9 @@ if [ "$translate_only" != 1 ]; then
         --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
         2> "$r/train.log"
     log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
-    # The same budget again with --precision bf16, on a CPU whose bf16 matrix units oneDNN
-    # uses (AMX / AVX512-BF16; elsewhere bf16 would be emulated, so there is no row), and
-    # its last checkpoint translated once, beam 5, for the BLEU its extra updates bring.
-    if [ "${RNMT_BF16_TRAIN:-auto}" != 0 ] && "$py" -c \
-        "import sys, torch; sys.exit(not torch.ops.mkldnn._is_mkldnn_bf16_supported())" 2>/dev/null; then
+    # The same budget again with --precision bf16, and its last checkpoint translated once,
+    # beam 5, for the BLEU its extra updates bring.
+    if [ "$bf16_train" = 1 ]; then
         log "train rnmt --precision bf16 (--max-time $minutes)"
         /usr/bin/time -v -o "$r/train_bf16.time" "${rnmt[@]}" train "$r/bin" \
             --save-dir "$r/run_bf16" --config "$root/examples/multi30k/reference.toml" \
@@ -116,6 +135,36 @@ if [ "$translate_only" != 1 ]; then
         rm -rf "$r/run_bf16"
         log "no bf16 training run (RNMT_BF16_TRAIN=0, or no bf16 matrix units here)"
     fi
+fi
+
+# --- training throughput, interleaved rounds ----------------------------------------------
+# Each round trains every toolkit from scratch for SPEED_SECONDS, one after the other; the
+# table reads the log windows of each (10 updates each) after its first 100 updates.
+if [ "$speed_rounds" -gt 0 ]; then
+    s="$out/speed"; rm -rf "$s"; mkdir -p "$s"
+    sed -e 's/^\(  logging_freq:\).*/\1 10/' "$bench/configs/joey_rnn.yaml" > "$s/joey_rnn.yaml"
+    # checkpoints every 10,000 updates: none in a round
+    sed -e 's/^save_checkpoint_steps:.*/save_checkpoint_steps: 10000/' \
+        -e 's/^report_every:.*/report_every: 10/' "$bench/configs/onmt_rnn.yaml" > "$s/onmt_rnn.yaml"
+    speed_minutes=$("$py" -c "print($speed_seconds / 60)")
+    for round in $(seq 1 "$speed_rounds"); do
+        for tk in $toolkits; do
+            log "speed round $round/$speed_rounds: train ${names[$tk]} ${speed_seconds}s"
+            "$bench/run-train.sh" $tk "$speed_seconds" peers-$tk-speed "$s/${tk}_rnn.yaml" \
+                >> "$out/run.log" 2>&1
+            cp "$PEERS/runs/peers-$tk-speed/train.stdout" "$s/$tk.$round.log"
+        done
+        for tag in "" _bf16; do
+            [ -z "$tag" ] || [ "$bf16_train" = 1 ] || continue
+            log "speed round $round/$speed_rounds: train rnmt${tag:+ --precision bf16} ${speed_seconds}s"
+            "${rnmt[@]}" train "$r/bin" --save-dir "$s/rnmt$tag.$round" \
+                --config "$root/examples/multi30k/reference.toml" --max-time "$speed_minutes" \
+                --max-epochs 1000 --threads $threads --device cpu --log-every 10 --no-plot \
+                ${tag:+--precision bf16} 2> "$s/rnmt$tag.$round.log" \
+                || log "rnmt train failed: $(tail -1 "$s/rnmt$tag.$round.log")"
+            rm -f "$s/rnmt$tag.$round"/*.pt  # the metrics are what the table reads
+        done
+    done
 fi
 
 # --- translation -------------------------------------------------------------------------
@@ -137,8 +186,12 @@ done
 # turn, so that a slow spell of this shared machine slows all of them alike; the table takes
 # each one's median. The peers' reports of every round are kept in OUT/translate_runs.
 runs="${TRANSLATE_RUNS:-3}"
-rm -rf "$out/translate_runs"; mkdir -p "$out/translate_runs"
-rm -f "$r"/translate_*/time*.txt "$r"/translate_speed*
+if [ "$speed_only" = 1 ]; then
+    runs=0  # the translation rows stay those of the earlier run
+else
+    rm -rf "$out/translate_runs"; mkdir -p "$out/translate_runs"
+    rm -f "$r"/translate_*/time*.txt "$r"/translate_speed*
+fi
 for run in $(seq 1 "$runs"); do
     for tk in $toolkits; do
         for beam in 1 5; do
@@ -178,6 +231,12 @@ python3 "$bench/collect.py" "${collect_runs[@]}" > "$out/collect.txt" 2>&1 \
 command="benchmarks/peers.sh $budget"
 [ "$toolkits" != "joey onmt" ] && command="PEER_TOOLKITS=\"$toolkits\" $command"
 [ "$translate_only" = 1 ] && command="$command (training), then TRANSLATE_ONLY=1 $command (translation)"
+speed="SPEED_ROUNDS=$speed_rounds SPEED_SECONDS=$speed_seconds"
+if [ "$speed_only" = 1 ]; then
+    command="$command (training, translation), then SPEED_ONLY=1 $speed $command (rounds)"
+elif [ "$speed_rounds" -gt 0 ]; then
+    command="$speed $command"
+fi
 "$py" "$root/benchmarks/peers_table.py" --out "$out" --budget "$budget" \
     --command "$command" | tee "$out/table.md"
 log "done: $out/table.md, $out/table.json"

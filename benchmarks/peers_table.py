@@ -15,6 +15,12 @@ the largest; a run from before the rounds (one translation each) reads as one ro
 rnmt's training throughput is read the way collect.py reads the peers': the median of the
 log windows after the first (target tokens/s, </s> included, no padding), and as a check
 the tokens of all windows after the first over the time they took.
+
+OUT/speed/ (peers.sh with SPEED_ROUNDS or SPEED_ONLY) holds short trainings interleaved
+in rounds: TOOLKIT.N.log per peer and rnmt{,_bf16}.N/metrics.jsonl per round N, logged
+every 10 updates. Each gives the median of its windows after the first `WARM_UP` updates;
+the table adds the median over the rounds of each toolkit's figure and of the per-round
+ratios rnmt ÷ OpenNMT-py.
 """
 
 from __future__ import annotations
@@ -134,9 +140,79 @@ def rnmt_training(r: Path, tag: str = "") -> dict:
     steps = max((x.get("step", 0) for x in records), default=None)
     timed = time_v(r / f"train{tag}.time")
     return {"params": int(params.group(1).replace(",", "")) if params else None,
-            "train_tok_s": statistics.median(rates[1:]) if len(rates) > 1 else None,
+            "train_tok_s": steady_median(rates),
             "train_tok_s_check": check, "updates": steps, "translated_step": steps,
             "train_wall_s": timed.get("wall_s"), "train_rss_mb": timed.get("rss_mb")}
+
+
+# A peer's log window: the update it ends at and its target tokens/s (collect.py's
+# patterns).
+PEER_WINDOW = {"onmt": re.compile(r"Step (\d+)/\s*\d+; .*; \s*\d+/\s*(\d+) tok/s;"),
+               "joey": re.compile(r"Step:\s+(\d+), .*Tokens per Sec:\s+(\d+)")}
+# Windows of a speed round ending at this update or before are left out. The first window
+# holds each toolkit's start-up: in three rounds of 240 s, OpenNMT-py's first 10 updates
+# ran at 918-1,127 target tokens/s against medians of 2,600-3,104 after update 100, and
+# rnmt's first at 3,346-4,240 (fp32) and 4,369-6,505 (bf16) against 3,545-4,767 and
+# 7,300-8,504. The first 100 updates rather than the first window leave out any slower
+# start with room to spare. That leaves ~10 of OpenNMT-py's windows in a 240-s round.
+WARM_UP = 100
+
+
+def steady_median(rates: list[float]) -> float | None:
+    """The median of a training's log windows after the first (which holds the start)."""
+    return statistics.median(rates[1:]) if len(rates) > 1 else None
+
+
+def window_rates(path: Path) -> list[float]:
+    """Target tokens/s of the log windows after update `WARM_UP` of one training of a
+    speed round: a peer's stdout (TOOLKIT.N.log), or rnmt's metrics.jsonl."""
+    if path.name == "metrics.jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        windows = [(x["step"], x["tokens_per_s"]) for x in records if x.get("kind") == "train"]
+    else:
+        pattern = PEER_WINDOW[path.name.split(".")[0]]
+        windows = [(int(m.group(1)), float(m.group(2)))
+                   for m in map(pattern.search, path.read_text().splitlines()) if m]
+    return [rate for step, rate in windows if step > WARM_UP]
+
+
+def speed_rounds(out: Path) -> dict[str, dict[int, float | None]]:
+    """Per toolkit ("onmt", "joey", "rnmt", "rnmt_bf16") and round, the median of its
+    windows after `WARM_UP` in OUT/speed; {} when peers.sh ran no rounds."""
+    speed = out / "speed"
+    files: dict[str, dict[int, Path]] = {}
+    for path in speed.glob("*.*.log") if speed.is_dir() else []:
+        tk, n, _ = path.name.split(".")
+        if tk in PEER_WINDOW and n.isdigit():
+            files.setdefault(tk, {})[int(n)] = path
+    for path in speed.glob("rnmt*.*/metrics.jsonl") if speed.is_dir() else []:
+        tk, n = path.parent.name.split(".")
+        if n.isdigit():
+            files.setdefault(tk, {})[int(n)] = path
+    return {tk: {n: median_or_none(window_rates(path)) for n, path in sorted(by_round.items())}
+            for tk, by_round in files.items()}
+
+
+def speed_rows(rounds: dict[str, dict[int, float | None]]
+               ) -> list[tuple[str, list[float | None], float | None]]:
+    """Rows of the interleaved rounds: label, each toolkit's median over the rounds (joey,
+    onmt, rnmt; the peers' only on the fp32 row) and the median of the per-round ratios
+    against OpenNMT-py (None without it)."""
+    def median_of(tk: str) -> float | None:
+        return median_or_none([x for x in rounds.get(tk, {}).values() if x])
+
+    base = rounds.get("onmt", {})
+    rows = []
+    for tk, label in (("rnmt", ""), ("rnmt_bf16", ", rnmt --precision bf16")):
+        ours = {n: x for n, x in rounds.get(tk, {}).items() if x}
+        if not ours:
+            continue
+        ratios = [x / base[n] for n, x in ours.items() if base.get(n)]
+        figures = [None, None] if label else [median_of("joey"), median_of("onmt")]
+        rows.append((f"training{label}, {len(ours)} interleaved rounds: target tokens/s "
+                     "(median of rounds; ratio: median of the rounds' ratios)",
+                     [*figures, median_of(tk)], median_or_none(ratios)))
+    return rows
 
 
 def bf16_training(r: Path, refs: list[str]) -> dict:
@@ -263,6 +339,11 @@ def main() -> None:
         add(f"{label}: peak RSS, MB", "train_rss_mb", 0, "train_bf16")
         add(f"{label}: BLEU of its last checkpoint, beam 5", "bleu", 2, "train_bf16",
             difference=True)
+    rounds = speed_rounds(args.out)
+    for label, figures, rate in speed_rows(rounds):
+        cells = [fmt(x) if x is not None else "—"
+                 for t, x in zip(("joey", "onmt", "rnmt"), figures) if t in columns]
+        rows.append((label, cells, f"{rate:.2f}×" if rate else "n/a"))
     for variant, label in VARIANTS.items():
         if variant not in tk["rnmt"] and variant not in PEER_BEAM:
             continue
@@ -287,7 +368,7 @@ def main() -> None:
           + ", ".join(f"{NAMES[t]} {fmt(s)}" for t, s in steps.items()))
     (args.out / "table.json").write_text(json.dumps(
         {"date": date, "machine": machine(), "budget_s": args.budget, "command": args.command,
-         "toolkits": tk}, indent=1) + "\n")
+         "toolkits": tk, "speed_rounds": rounds}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
