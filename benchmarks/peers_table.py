@@ -74,6 +74,11 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def steady_median(rates: list[float]) -> float | None:
+    """The median of a training's log windows after the first (which holds the start)."""
+    return statistics.median(rates[1:]) if len(rates) > 1 else None
+
+
 def peer_rounds(out: Path, tk: str, beam: str) -> dict:
     """A peer's translation speeds over the rounds (score.json copies in OUT/translate_runs):
     medians of sentences/s, the largest peak RSS; {} when there are none."""
@@ -156,11 +161,6 @@ PEER_WINDOW = {"onmt": re.compile(r"Step (\d+)/\s*\d+; .*; \s*\d+/\s*(\d+) tok/s
 # 7,300-8,504. The first 100 updates rather than the first window leave out any slower
 # start with room to spare. That leaves ~10 of OpenNMT-py's windows in a 240-s round.
 WARM_UP = 100
-
-
-def steady_median(rates: list[float]) -> float | None:
-    """The median of a training's log windows after the first (which holds the start)."""
-    return statistics.median(rates[1:]) if len(rates) > 1 else None
 
 
 def window_rates(path: Path) -> list[float]:
