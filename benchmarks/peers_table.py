@@ -125,6 +125,11 @@ def peers(out: Path) -> dict[str, dict]:
     return result
 
 
+def metrics_records(path: Path) -> list[dict]:
+    """The records of an rnmt run's metrics.jsonl (train windows, validations)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def rnmt_training(r: Path, tag: str = "") -> dict:
     """rnmt's training figures from OUT/rnmt: the run `run{tag}` with its `train{tag}.log`
     and `train{tag}.time` (tag "" for the fp32 run, "_bf16" for the --precision bf16 one);
@@ -132,7 +137,7 @@ def rnmt_training(r: Path, tag: str = "") -> dict:
     metrics = r / f"run{tag}" / "metrics.jsonl"
     if not metrics.exists():
         return {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    records = metrics_records(metrics)
     train = [x for x in records if x.get("kind") == "train"]
     rates = [x["tokens_per_s"] for x in train]
     check = None
@@ -167,8 +172,8 @@ def window_rates(path: Path) -> list[float]:
     """Target tokens/s of the log windows after update `WARM_UP` of one training of a
     speed round: a peer's stdout (TOOLKIT.N.log), or rnmt's metrics.jsonl."""
     if path.name == "metrics.jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
-        windows = [(x["step"], x["tokens_per_s"]) for x in records if x.get("kind") == "train"]
+        windows = [(x["step"], x["tokens_per_s"]) for x in metrics_records(path)
+                   if x.get("kind") == "train"]
     else:
         pattern = PEER_WINDOW[path.name.split(".")[0]]
         windows = [(int(m.group(1)), float(m.group(2)))
