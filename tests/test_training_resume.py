@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 import torch
 
 from conftest import TINY_MODEL
@@ -68,6 +70,27 @@ def test_metrics_and_resolved_config_are_written_to_the_save_dir(bin_dir, tmp_pa
     assert config["label_smoothing"] == 0.1 and config["emb_dim"] == TINY_MODEL["emb_dim"]
     assert load_checkpoint(tmp_path / "best.pt")["train_config"] == config
 
+
+def test_tensorboard_events_hold_the_logged_metrics(bin_dir, tmp_path):
+    accumulator = pytest.importorskip(  # in the dev extra: CI runs this
+        "tensorboard.backend.event_processing.event_accumulator")
+    Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=4, log_every=2,
+                                         valid_every=4)).train()
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for kind, key in (("train", "loss"), ("train", "lr"), ("valid", "valid_ppl")):
+        logged = [(r["step"], r[key]) for r in records if r["kind"] == kind]
+        scalars = [(e.step, e.value) for e in events.Scalars(f"{kind}/{key}")]
+        assert logged and [s for s, _ in scalars] == [s for s, _ in logged], (kind, key)
+        assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
+def test_training_without_tensorboard_writes_no_events(bin_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=2, log_every=1)).train()
+    assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    assert not (tmp_path / "tensorboard").exists()
 
 def test_validation_decodes_and_scores_bleu_and_chrf(bin_dir, tmp_path, trained_checkpoint):
     trainer = Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=1, valid_bleu=True,

@@ -1,5 +1,6 @@
-"""fp32 matrix products through oneDNN, with the weight reordered once into oneDNN's
-blocked layout, for the products a recurrence repeats at every step.
+"""Matrix products through oneDNN, in fp32 (or bf16 on a CPU with bf16 matrix units), with
+the weight reordered once into oneDNN's blocked layout, for the products a recurrence
+repeats at every step.
 
 torch's fp32 `addmm` (MKL) runs products of a few dozen to a few hundred rows on one core;
 oneDNN spreads them over the threads. Measured on the development machine (AMD EPYC,
