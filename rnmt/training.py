@@ -369,9 +369,16 @@ class MetricsLog:
         self.path = save_dir / "metrics.jsonl"
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")
         self.tensorboard = None
+        self.warning: str | None = None  # why no events are written, when tensorboard is there
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
+            return
+        except Exception as err:  # noqa: BLE001 - e.g. a protobuf release it was not built for
+            first_line = (str(err).splitlines() or [""])[0]  # protobuf's run to many lines
+            self.warning = (f"tensorboard is installed but failed to load "
+                            f"({type(err).__name__}: {first_line}); no TensorBoard events "
+                            "are written")
             return
         self.tensorboard = SummaryWriter(str(save_dir / "tensorboard"))
 
@@ -840,6 +847,8 @@ class Trainer:
                 (c.save_dir / "config.json").write_text(
                     json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
                 self.metrics = MetricsLog(c.save_dir, append=c.resume)
+                if self.metrics.warning:
+                    self.reporter.warning(self.metrics.warning)
             except OSError as err:  # read-only, no permission, a file in the way, full disk
                 raise ConfigError(f"--save-dir {c.save_dir}: cannot write "
                                   f"({err.strerror or err})") from None

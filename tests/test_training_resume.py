@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -89,6 +90,25 @@ def test_tensorboard_events_hold_the_logged_metrics(bin_dir, tmp_path):
 def test_training_without_tensorboard_writes_no_events(bin_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=2, log_every=1)).train()
+    assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    assert not (tmp_path / "tensorboard").exists()
+
+
+class _BrokenModule(types.ModuleType):
+    def __getattr__(self, name):
+        raise TypeError("Descriptors cannot be created directly.\nIf this call came from ...")
+
+
+def test_a_tensorboard_that_fails_to_load_is_a_warning_not_a_crash(bin_dir, tmp_path,
+                                                                   monkeypatch):
+    # As a tensorboard built against another protobuf release fails: not an ImportError.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", _BrokenModule("broken"))
+    trainer = Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=2, log_every=1))
+    warned: list[str] = []
+    trainer.reporter.warning = warned.append
+    trainer.train()
+    assert warned == ["tensorboard is installed but failed to load (TypeError: Descriptors "
+                      "cannot be created directly.); no TensorBoard events are written"]
     assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
     assert not (tmp_path / "tensorboard").exists()
 
