@@ -375,7 +375,7 @@ class MetricsLog:
         except ImportError:  # tensorboard is optional
             return
         except Exception as err:  # noqa: BLE001 - e.g. a protobuf release it was not built for
-            first_line = (str(err).splitlines() or [""])[0]  # protobuf's run to many lines
+            first_line = (str(err).splitlines() or [""])[0]  # protobuf's messages run to many lines
             self.warning = (f"tensorboard is installed but failed to load "
                             f"({type(err).__name__}: {first_line}); no TensorBoard events "
                             "are written")

@@ -112,6 +112,7 @@ def test_a_tensorboard_that_fails_to_load_is_a_warning_not_a_crash(bin_dir, tmp_
     assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
     assert not (tmp_path / "tensorboard").exists()
 
+
 def test_validation_decodes_and_scores_bleu_and_chrf(bin_dir, tmp_path, trained_checkpoint):
     trainer = Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=1, valid_bleu=True,
                                                    valid_samples=2))
