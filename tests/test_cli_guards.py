@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import RNMT, TINY_MODEL, assert_one_line_error, run_rnmt
-from rnmt.checkpoint import load_checkpoint
+from rnmt.checkpoint import load_checkpoint, save_checkpoint
 
 SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
 
@@ -150,6 +150,26 @@ def test_average_never_writes_over_its_inputs_or_the_runs_last_checkpoint(bin_di
     assert_one_line_error(run_rnmt("average", "--last", "-2", "--save-dir", str(tmp_path),
                                     "-o", str(tmp_path / "avg.pt")), "--last -2")
 
+
+
+def test_average_refuses_checkpoints_of_different_models(trained_checkpoint, tmp_path):
+    payload = load_checkpoint(trained_checkpoint)
+    model = payload["model"]
+    name = next(k for k, v in model.items() if v.dim() == 2)
+    others = {
+        "config": dict(payload, model_config={**payload["model_config"], "dropout": 0.5}),
+        "vocab": dict(payload, tgt_vocab={**payload["tgt_vocab"], "pieces": ["x"]}),
+        "keys": dict(payload, model={k: v for k, v in model.items() if k != name}),
+        "shape": dict(payload, model={**model, name: model[name][:, :1]}),
+    }
+    needles = {"config": "model_config differs", "vocab": "tgt_vocab differs",
+               "keys": "parameters differ", "shape": f"parameter {name} has shape"}
+    for kind, other in others.items():
+        save_checkpoint(other, tmp_path / f"{kind}.pt")
+        result = run_rnmt("average", str(trained_checkpoint), str(tmp_path / f"{kind}.pt"),
+                          "-o", str(tmp_path / "avg.pt"))
+        assert_one_line_error(result, f"{kind}.pt", needles[kind])
+    assert not (tmp_path / "avg.pt").exists()
 
 # --- bad paths and numbers for train and preprocess ---------------------------------------
 
