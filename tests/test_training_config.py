@@ -65,3 +65,44 @@ def test_file_values_take_the_options_types(tmp_path):
     assert coerce("no", bool, "plot", "f") is False
     with pytest.raises(ConfigError, match="option max_tokens wants a int"):
         coerce("many", int, "max_tokens", "f")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("absent.toml", None, "no such config file"),
+    ("bad.toml", b"lr = = 1\n", "invalid TOML"),
+    ("bad.yaml", b"lr: [1\n", "invalid YAML"),
+    ("bad.json", b'{"lr": 1,}', "invalid JSON"),
+    ("run.ini", b"[x]\nlr = 1\n", "unknown config format '.ini'"),
+    ("latin1.toml", b'data = "caf\xe9"\n', "cannot read config file"),
+    ("list.json", b"[1, 2]", "must map option names to values"),
+    ("nested.toml", b"lr = [1, 2]\n", "option 'lr' must be a single value"),
+    ("twice.toml", b"[a]\nlr = 1\n[b]\nlr = 2\n", "option 'lr' given twice"),
+    ("twice.yaml", b"save-dir: a\nsave_dir: b\n", "option 'save_dir' given twice"),
+])
+def test_a_broken_config_file_is_one_error_naming_it(tmp_path, name, content, message):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_an_empty_config_file_sets_nothing(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "empty.toml").write_text("")
+    assert load_run_config(tmp_path / "empty.yaml") == {}
+    assert load_run_config(tmp_path / "empty.toml") == {}
+
+
+def test_a_broken_config_file_stops_train_in_one_line(tmp_path):
+    (tmp_path / "run.toml").write_text("lr = = 1\n")
+    result = run_rnmt("train", "--config", str(tmp_path / "run.toml"))
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rnmt: error: {tmp_path / 'run.toml'}: "
+                                                   "invalid TOML")
