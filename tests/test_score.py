@@ -362,6 +362,45 @@ def test_nbest_rescoring_keeps_the_candidate_the_model_finds_most_probable(
     assert out == [tgt[(i + 2) % 6] for i in range(5)] + ["", ""]
 
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--errors", "ignore", "--ref", "{ref}", "{a}"], "unknown --errors 'ignore'"),
+    (["--nbest-rescore", "{nbest}"], "needs the model(s) to re-rank with (-m)"),
+    (["{a}"], "give the reference(s) with --ref"),
+    (["--ref", "{ref}", "{a}", "--plot", "{tmp}/p.png"], "add --by-length"),
+    (["--ref", "{ref}", "{a}", "--src", "{src}", "--by-length", "--buckets", "ten,20"],
+     "--buckets 'ten,20'"),
+    (["-m", "{mt}", "--src", "{src}", "--ref", "{ref}", "--by-length"],
+     "do not combine with -m"),
+    (["-m", "{mt}", "-m", "{mt}", "--src", "{src}", "--ref", "{ref}"],
+     "forced decoding scores with one model"),
+    (["-m", "{mt}", "--src", "{src}", "--ref", "{ref}", "{a}"], "give one target text"),
+    (["-m", "{mt}", "--ref", "{ref}"], "is a translation model: give the source with --src"),
+    (["-m", "{lm}", "--src", "{src}", "--ref", "{ref}"], "is a language model"),
+    (["-m", "{mt}", "--nbest-rescore", "{nbest}"], "needs the source (--src)"),
+])
+def test_option_conflicts_are_one_line_errors(files, tmp_path, trained_checkpoint,
+                                              lm_checkpoint, args, message):
+    (tmp_path / "nbest").write_text("0\t-1.0\tthe cat\n")
+    names = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path),
+             "nbest": str(tmp_path / "nbest"), "mt": str(trained_checkpoint),
+             "lm": str(lm_checkpoint)}
+    err = one_line_error(rnmt("score", *(a.format(**names) for a in args), "--device", "cpu"))
+    assert message in err
+
+
+def test_nbest_rescoring_reports_json(trained_checkpoint, tmp_path):
+    (tmp_path / "src").write_text("one\ntwo\n")
+    (tmp_path / "nbest").write_text("0\t-3.0\teins\n0\t-1.0\tzwei\n")
+    out = rnmt("score", "-m", str(trained_checkpoint), "--src", str(tmp_path / "src"),
+               "--nbest-rescore", str(tmp_path / "nbest"), "--device", "cpu", "--json",
+               check=True).stdout
+    first, second = json.loads(out)
+    assert second is None  # no candidates for line 1
+    assert first["text"] == "eins" and first["index"] == 0  # the model knows "one" = "eins"
+    assert first["original"] == -3.0 and len(first["models"]) == 1
+    assert first["score"] == pytest.approx(first["models"][0], abs=1e-3)
+
 def test_malformed_nbest_line_names_file_and_line(trained_checkpoint, tmp_path):
     (tmp_path / "src").write_text("one\n")
     (tmp_path / "nbest").write_text("0\t-1.5\teins\n0 -2.0 zwei\n")
