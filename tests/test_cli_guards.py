@@ -278,3 +278,61 @@ def test_a_runs_own_config_json_stays_a_valid_config(bin_dir, tmp_path):
     again = run_rnmt("train", "--config", str(tmp_path / "a" / "config.json"),
                      "--save-dir", str(tmp_path / "b"), "--max-steps", "1")
     assert again.returncode == 0, again.stderr.decode()
+
+
+# --- preprocess: vocabularies ------------------------------------------------------------
+
+
+def test_separate_vocab_learns_one_sentencepiece_model_per_language(corpus_dir, tmp_path):
+    base = ["preprocess", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train"),
+            "--valid", str(corpus_dir / "valid"), "--vocab-size", "120"]
+    result = run_rnmt(*base, "--out", str(tmp_path / "bin"), "--separate-vocab")
+    assert result.returncode == 0, result.stderr.decode()
+    meta = json.loads((tmp_path / "bin" / "meta.json").read_text())
+    assert meta["spm"] == {"en": "spm.en.model", "de": "spm.de.model"}
+    pieces = {lang: set(json.loads((tmp_path / "bin" / f"vocab.{lang}.json").read_text()))
+              for lang in ("en", "de")}
+    assert "▁hundred" in pieces["en"] and "▁hundred" not in pieces["de"]
+    assert any("hundert" in p for p in pieces["de"])
+    assert not any("hundert" in p for p in pieces["en"])
+    assert _train(tmp_path / "bin", tmp_path / "run", "--max-steps", "2").returncode == 0
+    out = run_rnmt("translate", "-m", str(tmp_path / "run" / "last.pt"), "--threads", "1",
+                   stdin="two hundred\nseven\n")
+    assert out.returncode == 0 and len(out.stdout.decode().splitlines()) == 2
+    assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "j"), "--separate-vocab",
+                                    "--joined-dictionary"), "one sentencepiece model")
+
+
+def test_preprocess_refuses_a_bad_model_type_or_sentencepiece_file(corpus_dir, tmp_path):
+    (tmp_path / "not-spm.model").write_text("hello")
+    base = ["preprocess", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train")]
+    for extra, needle in ((["--model-type", "wordpiece"], "unknown --model-type 'wordpiece'"),
+                          (["--spm-model", str(tmp_path / "absent.model")],
+                           "cannot read sentencepiece model"),
+                          (["--spm-model", str(tmp_path / "not-spm.model")],
+                           "not a sentencepiece model")):
+        assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "o"), *extra), needle)
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--output-format", "xml"], "--output-format"),
+    (["--errors", "ignore"], "--errors"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_translate_option_values_it_cannot_take_are_usage_errors(trained_checkpoint, options,
+                                                                  needle):
+    # Like an unknown flag (docs/errors.md): the usage message, naming the option; exit 2.
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), *options, stdin="one\n")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err
+    assert needle in err and "Usage: " in err and "translate [OPTIONS]" in err
+    assert not result.stdout
+
+
+def test_translate_output_into_a_missing_directory_is_one_line_error(trained_checkpoint,
+                                                                      tmp_path):
+    target = tmp_path / "absent" / "out.txt"
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "-o", str(target),
+                      stdin="one\n")
+    assert_one_line_error(result, str(target), "cannot open")
