@@ -97,6 +97,11 @@ if [ "${RNMT_BF16_TRAIN:-auto}" != 0 ] && "$py" -c \
     bf16_train=1
 fi
 
+# rnmt's training of the reference model, as every run here takes it; each adds
+# --save-dir, --max-time and --log-every (and --precision bf16)
+reference_train=(--config "$root/examples/multi30k/reference.toml" --max-epochs 1000
+                 --threads $threads --device cpu --no-plot)
+
 # --- training, one toolkit at a time ----------------------------------------------------
 r="$out/rnmt"
 if [ "$translate_only" != 1 ] && [ "$speed_only" != 1 ]; then
@@ -114,18 +119,15 @@ if [ "$translate_only" != 1 ] && [ "$speed_only" != 1 ]; then
     minutes=$("$py" -c "print($budget / 60)")
     log "train rnmt (--max-time $minutes)"
     /usr/bin/time -v -o "$r/train.time" "${rnmt[@]}" train "$r/bin" --save-dir "$r/run" \
-        --config "$root/examples/multi30k/reference.toml" --max-time "$minutes" \
-        --max-epochs 1000 --threads $threads --device cpu --log-every $log_every --no-plot \
-        2> "$r/train.log"
+        --max-time "$minutes" --log-every $log_every "${reference_train[@]}" 2> "$r/train.log"
     log "rnmt train exit $? ($(tail -1 "$r/train.log"))"
     # The same budget again with --precision bf16, and its last checkpoint translated once,
     # beam 5, for the BLEU its extra updates bring.
     if [ "$bf16_train" = 1 ]; then
         log "train rnmt --precision bf16 (--max-time $minutes)"
         /usr/bin/time -v -o "$r/train_bf16.time" "${rnmt[@]}" train "$r/bin" \
-            --save-dir "$r/run_bf16" --config "$root/examples/multi30k/reference.toml" \
-            --max-time "$minutes" --max-epochs 1000 --threads $threads --device cpu \
-            --log-every $log_every --no-plot --precision bf16 2> "$r/train_bf16.log"
+            --save-dir "$r/run_bf16" --max-time "$minutes" --log-every $log_every \
+            "${reference_train[@]}" --precision bf16 2> "$r/train_bf16.log"
         log "rnmt train --precision bf16 exit $? ($(tail -1 "$r/train_bf16.log"))"
         "${rnmt[@]}" translate -m "$r/run_bf16/last.pt" --beam 5 --batch-size 64 \
             --threads $threads --device cpu < "$PEERS/data/raw/test.de" \
@@ -158,8 +160,7 @@ if [ "$speed_rounds" -gt 0 ]; then
             [ -z "$tag" ] || [ "$bf16_train" = 1 ] || continue
             log "speed round $round/$speed_rounds: train rnmt${tag:+ --precision bf16} ${speed_seconds}s"
             "${rnmt[@]}" train "$r/bin" --save-dir "$s/rnmt$tag.$round" \
-                --config "$root/examples/multi30k/reference.toml" --max-time "$speed_minutes" \
-                --max-epochs 1000 --threads $threads --device cpu --log-every 10 --no-plot \
+                --max-time "$speed_minutes" --log-every 10 "${reference_train[@]}" \
                 ${tag:+--precision bf16} 2> "$s/rnmt$tag.$round.log" \
                 || log "rnmt train failed: $(tail -1 "$s/rnmt$tag.$round.log")"
             rm -f "$s/rnmt$tag.$round"/*.pt  # the metrics are what the table reads

@@ -213,7 +213,7 @@ def speed_rows(rounds: dict[str, dict[int, float | None]]
         if not ours:
             continue
         ratios = [x / base[n] for n, x in ours.items() if base.get(n)]
-        figures = [None, None] if label else [median_of("joey"), median_of("onmt")]
+        figures = [median_of("joey"), median_of("onmt")] if tk == "rnmt" else [None, None]
         rows.append((f"training{label}, {len(ours)} interleaved rounds: target tokens/s "
                      "(median of rounds; ratio: median of the rounds' ratios)",
                      [*figures, median_of(tk)], median_or_none(ratios)))

@@ -37,9 +37,13 @@ def test_resume_gives_the_parameters_of_one_straight_run(bin_dir, tmp_path):
         assert (p - q).abs().max() <= 1e-6, name
 
 
+def _records(save_dir) -> list[dict]:
+    """The run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(save_dir) -> list[float]:
-    lines = (save_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    return [r["loss"] for r in _records(save_dir) if r["kind"] == "train"]
 
 
 def test_same_seed_same_data_gives_the_same_loss_curve(bin_dir, tmp_path):
@@ -62,7 +66,7 @@ def test_keep_last_keeps_the_newest_step_checkpoints_beside_best_and_last(bin_di
 def test_metrics_and_resolved_config_are_written_to_the_save_dir(bin_dir, tmp_path):
     Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=4, log_every=2,
                                          label_smoothing=0.1)).train()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = _records(tmp_path)
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4]
     assert {"loss", "ppl", "lr", "tokens_per_s"} <= set(train[0])
@@ -79,7 +83,7 @@ def test_tensorboard_events_hold_the_logged_metrics(bin_dir, tmp_path):
                                          valid_every=4)).train()
     events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = _records(tmp_path)
     for kind, key in (("train", "loss"), ("train", "lr"), ("valid", "valid_ppl")):
         logged = [(r["step"], r[key]) for r in records if r["kind"] == kind]
         scalars = [(e.step, e.value) for e in events.Scalars(f"{kind}/{key}")]
@@ -90,7 +94,7 @@ def test_tensorboard_events_hold_the_logged_metrics(bin_dir, tmp_path):
 def test_training_without_tensorboard_writes_no_events(bin_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     Trainer(bin_dir, TINY_MODEL, _config(tmp_path, max_steps=2, log_every=1)).train()
-    assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    assert len(_losses(tmp_path)) == 2
     assert not (tmp_path / "tensorboard").exists()
 
 
@@ -109,7 +113,7 @@ def test_a_tensorboard_that_fails_to_load_is_a_warning_not_a_crash(bin_dir, tmp_
     trainer.train()
     assert warned == ["tensorboard is installed but failed to load (TypeError: Descriptors "
                       "cannot be created directly.); no TensorBoard events are written"]
-    assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    assert len(_losses(tmp_path)) == 2
     assert not (tmp_path / "tensorboard").exists()
 
 
