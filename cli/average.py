@@ -24,10 +24,10 @@ def average(
         raise ConfigError(f"--last {last}: must be at least 1 (0 = not used)")
     if last:
         if save_dir is None:
-            raise typer.BadParameter("--last needs --save-dir", param_hint="--last")
+            raise ConfigError("--last needs --save-dir (the run to take checkpoints from)")
         paths += latest_checkpoints(save_dir, last)
     if not paths:
-        raise typer.BadParameter("give checkpoints, or --last N --save-dir DIR")
+        raise ConfigError("give checkpoints, or --last N --save-dir DIR")
     check_average_output(paths, output)  # before averaging: refused without any work done
     save_checkpoint(average_checkpoints(paths), output)
     print(f"averaged {len(paths)} checkpoints into {output}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,6 +37,14 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except RnmtError as err:
             print(f"rnmt: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (MemoryError, RuntimeError) as err:
+            # Sizes past this machine's memory (`--beam 10**9`, `--emb-dim 10**9`): torch
+            # reports a failed CPU allocation as a RuntimeError, Python as a MemoryError.
+            if not (isinstance(err, MemoryError) or "can't allocate memory" in str(err)
+                    or "out of memory" in str(err)):
+                raise
+            print(f"rnmt: error: {out_of_memory_message(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("rnmt: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
@@ -47,6 +56,14 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(0) from None
 
     return run
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """One line for a failed allocation: how much was asked for, when the message says."""
+    asked = re.search(r"allocate (\d+) bytes", str(err))
+    size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB asked for)" if asked else ""
+    return (f"out of memory{size}: the model, beam or batch asked for is too large for "
+            "this machine")
 
 
 def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:

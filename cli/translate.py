@@ -54,23 +54,23 @@ def translate(
     from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
     from rnmt.text import LineReader, TextLines, same_file
-    from rnmt.translator import OUTPUT_FORMATS, Translator
+    from rnmt.translator import OUTPUT_FORMATS, Translator, check_threads
 
-    if threads < 0:
-        raise DataError("--threads must not be negative (0 = torch's default)")
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     if (input is None and sys.stdin is None) or (output is None and sys.stdout is None):
         # `rnmt translate <&-`: Python gives a closed standard stream as None
         raise DataError("stdin or stdout is closed; give --input/--output files")
     if output_format not in OUTPUT_FORMATS:
-        raise typer.BadParameter(f"choose from {', '.join(OUTPUT_FORMATS)}",
-                                 param_hint="--output-format")
+        raise ConfigError(f"unknown --output-format {output_format!r}; choose from "
+                          f"{', '.join(OUTPUT_FORMATS)}")
     if errors not in ("replace", "strict"):
-        raise typer.BadParameter("choose replace or strict", param_hint="--errors")
-    if batch_size < 1 or buffer_size < 1 or max_tokens < 1:
-        raise typer.BadParameter("must be at least 1",
-                                 param_hint="--batch-size/--buffer-size/--max-tokens")
+        raise ConfigError(f"unknown --errors {errors!r}; choose replace or strict")
+    for name, value in (("batch-size", batch_size), ("buffer-size", buffer_size),
+                        ("max-tokens", max_tokens)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1")
     if attention_plot is not None:
         from rnmt.plotting import require_matplotlib
 

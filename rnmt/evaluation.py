@@ -47,8 +47,10 @@ class MetricOptions:
             raise ConfigError(
                 f"unknown --tokenize {self.tokenize!r}; choose from {', '.join(BLEU.TOKENIZERS)}"
             )
-        if self.chrf_word_order < 0:
-            raise ConfigError("--chrf-word-order must be at least 0")
+        if not 0 <= self.chrf_word_order <= CHRF.CHAR_ORDER:
+            # sacrebleu loops over the orders (and names the metric chrF+++…): a mistyped
+            # large order would run for hours. chrF++ is 2; 6 matches the character order.
+            raise ConfigError(f"--chrf-word-order must be between 0 and {CHRF.CHAR_ORDER}")
 
     def build(self, references: Sequence[Sequence[str]] | None = None) -> dict[str, Metric]:
         """Fresh sacrebleu metric objects by key; `references` are cached inside them."""

@@ -31,10 +31,10 @@ def build_optimizer(name: str, parameters: Iterable[torch.nn.Parameter], lr: flo
                     weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """adam (L2 penalty added to the gradient), adamw (decoupled weight decay,
     Loshchilov & Hutter 2019) or plain sgd."""
-    if lr <= 0:
-        raise ConfigError("--lr must be positive")
-    if weight_decay < 0:
-        raise ConfigError("--weight-decay must not be negative")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError("--lr must be a positive number")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError("--weight-decay must be a number ≥ 0")
     params = list(parameters)
     if name in ("adam", "adamw"):
         kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
@@ -70,8 +70,10 @@ class ScheduleConfig:
             raise ConfigError("--warmup must be ≥ 0, --patience and --lr-decay-steps ≥ 1")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError("--lr-decay must be in (0, 1]")
-        if self.min_lr < 0:
-            raise ConfigError("--min-lr must not be negative")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ConfigError("--min-lr must be a number ≥ 0")
+        if self.min_lr >= self.lr:  # the run would stop after its first update
+            raise ConfigError(f"--min-lr {self.min_lr:g} must be below --lr {self.lr:g}")
 
 
 class LRSchedule:

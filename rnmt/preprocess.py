@@ -80,6 +80,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     # RuntimeError, FileExistsError from mkdir) after them.
     if c.vocab_size < 1 or c.max_len < 1 or c.threads < 1:
         raise DataError("--vocab-size, --max-len and --threads must be at least 1")
+    if c.threads > 1024:
+        raise DataError("--threads must be at most 1024 (sentencepiece's limit)")
     if Path(c.out).exists() and not Path(c.out).is_dir():
         raise DataError(f"--out {c.out}: exists and is not a directory")
     if c.model_type not in ("unigram", "bpe"):

@@ -30,6 +30,8 @@ from torch import Tensor
 from rnmt.errors import ConfigError
 from rnmt.vocab import BOS, EOS, PAD, UNK
 
+MAX_LENGTH_PENALTY = 10.0  # |α| of --length-penalty
+
 
 @dataclass
 class SearchConfig:
@@ -69,6 +71,11 @@ class SearchConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, "
                                   f"not {getattr(self, name)}")
+        if abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            # ((5 + |Y|) / 6)^α overflows a float (or underflows to 0) long before this
+            # matters: GNMT tuned α in [0.6, 1], fairseq's and OpenNMT's defaults are 1.
+            raise ConfigError(f"--length-penalty must be between -{MAX_LENGTH_PENALTY:g} and "
+                              f"{MAX_LENGTH_PENALTY:g}, not {self.length_penalty:g}")
         if self.beam < 1:
             raise ConfigError("--beam must be at least 1")
         if self.nbest < 1:

@@ -73,7 +73,7 @@ from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
 from rnmt.preprocess import check_ids, load_data, load_vocabularies
 from rnmt.search import SearchConfig, search
-from rnmt.translator import resolve_device
+from rnmt.translator import check_threads, resolve_device
 from rnmt.vocab import EOS, PAD, Vocabulary
 
 METRICS = ("ppl", "bleu")
@@ -129,8 +129,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --save-dir and --overwrite "
                               "deletes it: give one of them")
-        if self.threads is not None and self.threads < 0:
-            raise ConfigError("--threads must not be negative (0 = torch's default)")
+        check_threads(self.threads)
         for name in ("best_metric", "early_stop_metric"):
             value = getattr(self, name)
             if value is not None and value not in METRICS:
@@ -145,7 +144,14 @@ class TrainConfig:
             raise ConfigError("--valid-beam and --max-bad-updates must be at least 1")
         if self.keep_last < 0 or self.valid_samples < 0:
             raise ConfigError("--keep-last and --valid-samples must not be negative")
-        for name in ("valid_every", "save_every", "early_stop_patience", "max_steps"):
+        if not math.isfinite(self.clip_norm) or self.clip_norm < 0:
+            raise ConfigError("--clip-norm must be a finite number ≥ 0 (0 = no clipping)")
+        if self.seed < 0:  # numpy's generators (the batch order) take no negative seed
+            raise ConfigError("--seed must not be negative")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ConfigError("--max-time must be a positive number of minutes")
+        for name in ("valid_every", "save_every", "early_stop_patience", "max_steps",
+                     "max_sentences", "max_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -78,6 +78,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# libgomp aborts the process (no exception) when it cannot allocate a pool of threads
+# this large; sentencepiece refuses more than 1024 too.
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None) -> None:
+    """A ConfigError for a `--threads` outside [0, MAX_THREADS] (0 or None: torch's default)."""
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be between 0 (torch's default) and {MAX_THREADS}, "
+                          f"not {threads}")
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module

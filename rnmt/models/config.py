@@ -9,6 +9,9 @@ from rnmt.nn.attention import SCORES
 from rnmt.nn.rnn import CELLS, IMPLS
 
 ARCHS = ("attention", "seq2seq", "lm")
+# Deeper plain RNN stacks do not train (GNMT's 8 layers needed residual connections);
+# the bound turns a mistyped `--layers` into an error rather than hours of building layers.
+MAX_LAYERS = 64
 
 
 @dataclass
@@ -64,6 +67,9 @@ class ModelConfig:
                      "attn_dim", "output_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("enc_layers", "dec_layers"):
+            if getattr(self, name) > MAX_LAYERS:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at most {MAX_LAYERS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("--dropout must be in [0, 1)")
         if self.input_feeding and not (self.arch == "attention" and self.attention != "bahdanau"):
