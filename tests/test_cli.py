@@ -24,8 +24,14 @@ def test_preprocess_train_translate_score_end_to_end(tmp_path):
     result = run_rnmt("train", str(tmp_path / "bin"), "--save-dir", str(tmp_path / "run"),
                       "--emb-dim", "16", "--hidden-dim", "16", "--dec-hidden-dim", "32",
                       "--attn-dim", "16", "--output-dim", "32", "--max-steps", "15",
-                      "--max-tokens", "500", "--device", "cpu", "--log-every", "5", check=True)
+                      "--max-tokens", "500", "--device", "cpu", "--log-every", "5",
+                      "--valid-bleu", "--valid-samples", "2", check=True)
     assert b"parameters" in result.stderr and result.stdout == b""
+    log = result.stderr.decode().splitlines()
+    valid = [line for line in log if line.startswith("valid epoch")]
+    assert valid and all(" BLEU " in line and " chrF " in line for line in valid)
+    for kind in ("src", "ref", "hyp"):  # the sample translations of each validation
+        assert sum(line.startswith(f"  {kind}: ") for line in log) == 2 * len(valid)
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").exists()
 
     sources = (corpus / "test.en").read_text()

@@ -282,6 +282,65 @@ def test_train_refuses_ids_beyond_the_vocabulary_before_the_first_update(bin_dir
     assert not (tmp_path / "run" / "last.pt").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "not a complete flat array"),  # a copy or a disk that ran out
+    ("garbage", "corrupt binarised data"),
+    ("offsets", "the offsets point past the ids"),
+    ("missing", "missing binarised data"),
+])
+def test_train_refuses_damaged_binarised_data_in_one_line(bin_dir, tmp_path, damage, needle):
+    broken = _damaged_copy(bin_dir, tmp_path)
+    prefix = f"train.{json.loads((broken / 'meta.json').read_text())['tgt_lang']}"
+    ids, offsets = broken / f"{prefix}.ids.npy", broken / f"{prefix}.offsets.npy"
+    if damage == "truncated":
+        ids.write_bytes(ids.read_bytes()[: ids.stat().st_size // 2])
+    elif damage == "garbage":
+        ids.write_bytes(b"no array here" * 100)
+    elif damage == "offsets":
+        ends = np.load(offsets)
+        ends[-1] += 10
+        np.save(offsets, ends)
+    else:
+        offsets.unlink()
+    assert_one_line_error(_train(broken, tmp_path / "run"), needle, prefix)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _other_pieces(corpus_dir, out):
+    """The same corpus cut into other pieces (a smaller sentencepiece vocabulary)."""
+    from rnmt.preprocess import PreprocessConfig, preprocess
+
+    preprocess(PreprocessConfig(src_lang="en", tgt_lang="de", out=out,
+                                train=str(corpus_dir / "train"), valid=str(corpus_dir / "valid"),
+                                vocab_size=200))
+    return out
+
+
+def test_train_refuses_a_sentencepiece_model_of_another_run(bin_dir, corpus_dir, tmp_path):
+    broken = _damaged_copy(bin_dir, tmp_path)
+    other = _other_pieces(corpus_dir, tmp_path / "other-bin")
+    spm = next(iter(json.loads((broken / "meta.json").read_text())["spm"].values()))
+    shutil.copy(other / spm, broken / spm)  # the vocab files still list this run's pieces
+    assert_one_line_error(_train(broken, tmp_path / "run"), "is not in the sentencepiece model")
+
+
+def test_resume_needs_a_resumable_last_checkpoint_of_this_data(bin_dir, corpus_dir, tmp_path):
+    assert_one_line_error(_train(bin_dir, tmp_path / "none", "--resume"),
+                          "last.pt does not exist")
+    _train(bin_dir, tmp_path / "run", "--max-steps", "2", "--max-tokens", "800")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    # The same corpus cut into other pieces: the run's embeddings would mean other pieces.
+    other = _other_pieces(corpus_dir, tmp_path / "other-bin")
+    assert_one_line_error(_train(other, tmp_path / "run", "--resume", "--max-steps", "4"),
+                          "trained on another vocabulary")
+    # A last.pt without the run's state (e.g. an average or best.pt copied over it).
+    without = {"training": "holds no training state", "train_config": "holds no training options"}
+    for key, needle in without.items():
+        save_checkpoint({k: v for k, v in last.items() if k != key}, tmp_path / key / "last.pt")
+        assert_one_line_error(_train(bin_dir, tmp_path / key, "--resume"), needle)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("MeCab") is not None,
                     reason="MeCab is installed here: ja-mecab works")
 def test_score_with_a_tokenizer_whose_extra_is_missing_is_one_line_error(tmp_path):
