@@ -126,7 +126,7 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
         # threads, limits ...) are the defaults, and only what is given again overrides
         # them ("--max-steps 40" raises the limit). The SIGINT handler prints exactly
         # `rnmt train DATA --save-dir D --resume`, which must not fall back to defaults.
-        from rnmt.training import saved_run_options
+        from rnmt.run_dir import saved_run_options
 
         path, saved = saved_run_options(Path(merged["save_dir"]))
         _refuse_a_new_model(merged, explicit, saved, path)

@@ -50,8 +50,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,9 +70,11 @@ from rnmt.optim import LRSchedule, ScheduleConfig, build_optimizer
 from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
 from rnmt.preprocess import check_ids, load_data, load_vocabularies
+from rnmt.run_dir import (STEP_CHECKPOINT, MetricsLog, check_save_dir, clear_run,
+                          plot_curves)
 from rnmt.search import SearchConfig, search
 from rnmt.translator import check_threads, resolve_device
-from rnmt.vocab import EOS, PAD, Vocabulary
+from rnmt.vocab import EOS, Vocabulary
 
 METRICS = ("ppl", "bleu")
 # fp16 loss scaling: below this scale, an overflowing gradient is no longer the scaler's
@@ -171,58 +171,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-
-
-# What a run writes into its save directory: `--overwrite` removes these before a new run
-# starts there, so that no file of the old run (a step checkpoint that --keep-last would
-# then count as newer, a metrics line) passes for one of the new run.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "training.png")
-STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt")
-
-
-def run_checkpoints(save_dir: Path) -> list[Path]:
-    """The checkpoints of an earlier run in `save_dir` (none if it is not a directory)."""
-    if not save_dir.is_dir():
-        return []
-    return sorted(p for p in save_dir.iterdir()
-                  if p.name in ("last.pt", "best.pt") or STEP_CHECKPOINT.fullmatch(p.name))
-
-
-def check_save_dir(config: TrainConfig) -> None:
-    """A new run never silently replaces another's checkpoints (fairseq and OpenNMT-py do
-    not either): an existing run must be continued with --resume or, explicitly, replaced
-    with --overwrite. A save directory that is a file is refused here, before any work."""
-    save_dir = config.save_dir
-    if save_dir.exists() and not save_dir.is_dir():
-        raise ConfigError(f"--save-dir {save_dir}: exists and is not a directory")
-    if config.resume or config.overwrite:
-        return
-    found = run_checkpoints(save_dir)
-    if found:
-        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ConfigError(
-            f"--save-dir {save_dir} already holds a run's checkpoints ({names}); continue "
-            "it with --resume, start over with --overwrite (deletes them), or choose "
-            "another --save-dir")
-
-
-def saved_run_options(save_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The resolved options of the run whose `last.pt` is in `save_dir` (what `--resume`
-    continues), and the file they were read from. Missing or damaged: CheckpointError."""
-    path = save_dir / "last.pt"
-    if not path.exists():
-        raise CheckpointError(f"--resume: {path} does not exist")
-    options = load_checkpoint(path, mmap=True).get("train_config")  # no tensor is read
-    if not isinstance(options, dict):
-        raise CheckpointError(f"{path}: holds no training options to resume with")
-    return path, options
-
-
-def clear_run(save_dir: Path) -> None:
-    """Delete the files of an earlier run in `save_dir` (--overwrite), nothing else."""
-    for path in run_checkpoints(save_dir) + [save_dir / name for name in RUN_FILES]:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(save_dir / "tensorboard", ignore_errors=True)
 
 
 class TrainingInterrupted(Exception):
@@ -367,68 +315,6 @@ def translate_split(model: Model, data: ParallelData, tgt_vocab: Vocabulary,
     return out
 
 
-class MetricsLog:
-    """JSON lines in `save_dir/metrics.jsonl`; TensorBoard events too when installed."""
-
-    def __init__(self, save_dir: Path, append: bool = True) -> None:
-        """`append`: a resumed run adds to its log; a new run starts the file afresh."""
-        self.path = save_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
-        self.tensorboard = None
-        self.warning: str | None = None  # why no events are written, when tensorboard is there
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        except Exception as err:  # noqa: BLE001 - e.g. a protobuf release it was not built for
-            first_line = (str(err).splitlines() or [""])[0]  # protobuf's messages run to many lines
-            self.warning = (f"tensorboard is installed but failed to load "
-                            f"({type(err).__name__}: {first_line}); no TensorBoard events "
-                            "are written")
-            return
-        self.tensorboard = SummaryWriter(str(save_dir / "tensorboard"))
-
-    def write(self, kind: str, stats: dict[str, Any]) -> None:
-        record = {"kind": kind, **{k: v for k, v in stats.items()
-                                   if isinstance(v, (int, float, str, bool))}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(f"{kind}/{key}", value, stats["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def plot_curves(metrics_path: Path, out: Path) -> bool:
-    """Training and validation loss against updates, as a PNG; False without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text("utf-8").splitlines()]
-    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-    valid = [(r["step"], r["valid_loss"]) for r in records if r["kind"] == "valid"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (valid, "valid")):
-        if points:
-            ax.plot(*zip(*points), marker="." if label == "valid" else None, label=label)
-    ax.set_xlabel("update")
-    ax.set_ylabel("loss (NLL per target piece)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return True
-
-
 class Trainer:
     """One training run. `dist` places this process in a data-parallel run (torchrun; see
     `rnmt.distributed.setup`); without it the run is a single process on `config.device`.
@@ -437,7 +323,7 @@ class Trainer:
     def __init__(self, data_dir: Path, model_config: dict[str, Any], config: TrainConfig,
                  reporter: Reporter | None = None, dist: Distributed | None = None) -> None:
         self.config = config
-        check_save_dir(config)  # before any data is read: the cheapest mistake to report
+        check_save_dir(config.save_dir, config.resume, config.overwrite)  # before any data is read: the cheapest mistake to report
         self.data_dir = Path(data_dir)
         self.dist = dist or Distributed(device=resolve_device(config.device))
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
