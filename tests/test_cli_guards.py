@@ -249,6 +249,10 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
     assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "a-file")), "not a directory")
     assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), "--vocab-size", "0"),
                            "--vocab-size")
+    for option, value in (("--errors", "ignore"), ("--threads", "2000")):  # were tracebacks
+        assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), option, value),
+                               option)
+    assert not (tmp_path / "c").exists()
 
 
 # --- train: a damaged data directory --------------------------------------------------
