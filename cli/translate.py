@@ -75,6 +75,10 @@ def translate(
         from rnmt.plotting import require_matplotlib
 
         require_matplotlib()
+        if attention_plot.exists() and not attention_plot.is_dir():
+            # found before translating, not at the first plot ("cannot write output")
+            raise ConfigError(f"--attention-plot {attention_plot}: exists and is not a "
+                              "directory")
     config = SearchConfig(
         beam=beam, length_penalty=length_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
         max_len=max_len,

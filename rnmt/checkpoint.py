@@ -13,6 +13,7 @@ so `torch.load(..., weights_only=True)` reads it: a crafted pickle cannot execut
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -33,18 +34,21 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     A crash at any moment leaves either the old file or the new one, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a file in the way: FileExistsError
+        _remove_stale_temporaries(path)
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, "version": FORMAT_VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: cannot save checkpoint ({err.strerror or err})") from None
+        with contextlib.suppress(OSError):  # no directory to hold it: nothing to remove
+            tmp.unlink(missing_ok=True)
+        where = f": {err.filename}" if err.filename and str(err.filename) != str(tmp) else ""
+        raise CheckpointError(f"{path}: cannot save checkpoint "
+                              f"({err.strerror or err}{where})") from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -173,6 +173,16 @@ def test_average_never_writes_over_its_inputs_or_the_runs_last_checkpoint(bin_di
 
 
 
+def test_outputs_where_a_file_is_in_the_way_are_one_line_errors(trained_checkpoint, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = run_rnmt("average", str(trained_checkpoint), "-o", str(tmp_path / "a-file" / "x.pt"))
+    assert_one_line_error(result, "cannot save checkpoint", "a-file")  # was a traceback
+    if importlib.util.find_spec("matplotlib") is not None:
+        result = run_rnmt("translate", "-m", str(trained_checkpoint), "--attention-plot",
+                          str(tmp_path / "a-file"), stdin="one\n")
+        assert_one_line_error(result, "--attention-plot", "not a directory")
+
+
 def test_average_refuses_checkpoints_of_different_models(trained_checkpoint, tmp_path):
     payload = load_checkpoint(trained_checkpoint)
     model = payload["model"]
