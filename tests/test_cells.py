@@ -218,6 +218,37 @@ def test_load_from_torch_rejects_other_cell_types_shapes_layers_and_directions()
         GRUCell(INPUT, HIDDEN).load_from_torch(nn.GRU(INPUT, HIDDEN), reverse=True)
     with pytest.raises(ValueError):
         RNNCell(INPUT, HIDDEN).load_from_torch(nn.RNN(INPUT, HIDDEN, nonlinearity="relu"))
+    with pytest.raises(ValueError, match="single layer"):  # a torch cell has no layer 1
+        LSTMCell(INPUT, HIDDEN).load_from_torch(nn.LSTMCell(INPUT, HIDDEN), layer=1)
+    with pytest.raises(ValueError, match="proj_size"):  # h is projected: other equations
+        LSTMCell(INPUT, HIDDEN).load_from_torch(nn.LSTM(INPUT, HIDDEN + 1, proj_size=HIDDEN))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_run_cell_starts_from_zeros_and_handles_an_empty_sequence(kind: str) -> None:
+    torch.manual_seed(5)
+    cell = KINDS[kind][0](INPUT, HIDDEN).double()
+    x = torch.randn(BATCH, SEQ, INPUT, dtype=torch.float64)
+    lengths = torch.full((BATCH,), SEQ)
+    zeros = cell.zero_state(BATCH, x)
+    for a, b in zip(as_tuple(run_cell(cell, x, lengths)[1]),
+                    as_tuple(run_cell(cell, x, lengths, zeros)[1])):
+        assert torch.equal(a, b)
+    assert all(not z.any() and z.dtype == torch.float64 for z in as_tuple(zeros))
+    output, state = run_cell(cell, x[:, :0], torch.zeros(BATCH, dtype=torch.long))
+    assert output.shape == (BATCH, 0, HIDDEN)
+    assert all(not s.any() for s in as_tuple(state))
+
+
+def test_run_cell_rejects_inputs_of_the_wrong_shape_or_lengths() -> None:
+    cell = LSTMCell(INPUT, HIDDEN)
+    x = torch.randn(BATCH, SEQ, INPUT)
+    with pytest.raises(ValueError, match="batch, seq, input_size"):
+        run_cell(cell, x[:, 0], torch.full((BATCH,), SEQ))
+    with pytest.raises(ValueError, match="lengths must be"):
+        run_cell(cell, x, torch.full((BATCH + 1,), SEQ))
+    with pytest.raises(ValueError, match=r"lie in \[0, 6\]"):
+        run_cell(cell, x, torch.full((BATCH,), SEQ + 1))
 
 
 @pytest.mark.parametrize("kind", KINDS)
