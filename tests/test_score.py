@@ -378,6 +378,13 @@ def test_nbest_rescoring_keeps_the_candidate_the_model_finds_most_probable(
     (["-m", "{mt}", "--ref", "{ref}"], "is a translation model: give the source with --src"),
     (["-m", "{lm}", "--src", "{src}", "--ref", "{ref}"], "is a language model"),
     (["-m", "{mt}", "--nbest-rescore", "{nbest}"], "needs the source (--src)"),
+    (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{nbest}", "--combine", "max"],
+     "unknown --combine 'max'"),
+    (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{tmp}/bad"],
+     "bad: line 1: expected 'index<TAB>score<TAB>text'"),
+    (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{tmp}/empty"], "no candidates"),
+    (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{tmp}/far"],
+     "n-best index 7 is beyond the 5 input sentences"),
     # sacrebleu loops over the orders: this one ran for hours
     (["--ref", "{ref}", "{a}", "--chrf-word-order", "1000000000"],
      "--chrf-word-order must be between 0 and 6"),
@@ -385,6 +392,9 @@ def test_nbest_rescoring_keeps_the_candidate_the_model_finds_most_probable(
 def test_option_conflicts_are_one_line_errors(files, tmp_path, trained_checkpoint,
                                               lm_checkpoint, args, message):
     (tmp_path / "nbest").write_text("0\t-1.0\tthe cat\n")
+    (tmp_path / "bad").write_text("x\tnot\ta score\n")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "far").write_text("7\t-1.0\tthe cat\n")
     names = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path),
              "nbest": str(tmp_path / "nbest"), "mt": str(trained_checkpoint),
              "lm": str(lm_checkpoint)}
