@@ -7,11 +7,13 @@ The checkpoints themselves (atomic writes, safe loading) are `rnmt.checkpoint`'s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rnmt.checkpoint import load_checkpoint
 from rnmt.errors import CheckpointError, ConfigError
@@ -68,38 +70,59 @@ def clear_run(save_dir: Path) -> None:
 
 
 class MetricsLog:
-    """JSON lines in `save_dir/metrics.jsonl`; TensorBoard events too when installed."""
+    """JSON lines in `save_dir/metrics.jsonl`; TensorBoard events too when installed.
 
-    def __init__(self, save_dir: Path, append: bool = True) -> None:
+    Logging never ends a run: a tensorboard that fails to load, or a log file that can no
+    longer be written (a full disk), is one call of `warn`, and the run goes on (its
+    checkpoints report for themselves whether they can still be written)."""
+
+    def __init__(self, save_dir: Path, append: bool = True,
+                 warn: Callable[[str], None] = lambda message: None) -> None:
         """`append`: a resumed run adds to its log; a new run starts the file afresh."""
         self.path = save_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.file: TextIO | None = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.failed = False  # the file could not be written: it may end in a torn line
+        self.warn = warn
         self.tensorboard = None
-        self.warning: str | None = None  # why no events are written, when tensorboard is there
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
         except Exception as err:  # noqa: BLE001 - e.g. a protobuf release it was not built for
             first_line = (str(err).splitlines() or [""])[0]  # protobuf's messages run to many lines
-            self.warning = (f"tensorboard is installed but failed to load "
-                            f"({type(err).__name__}: {first_line}); no TensorBoard events "
-                            "are written")
+            warn(f"tensorboard is installed but failed to load ({type(err).__name__}: "
+                 f"{first_line}); no TensorBoard events are written")
             return
         self.tensorboard = SummaryWriter(str(save_dir / "tensorboard"))
 
     def write(self, kind: str, stats: dict[str, Any]) -> None:
         record = {"kind": kind, **{k: v for k, v in stats.items()
                                    if isinstance(v, (int, float, str, bool))}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as err:
+                self._give_up(err)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(f"{kind}/{key}", value, stats["step"])
 
+    def _give_up(self, err: OSError) -> None:
+        self.failed = True
+        with contextlib.suppress(OSError):  # what is still buffered fails again
+            self.file.close()
+        self.file = None
+        self.warn(f"cannot write {self.path} ({err.strerror or err}); no more metrics are "
+                  "logged there, training goes on")
+
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as err:
+                self._give_up(err)
         if self.tensorboard is not None:
             self.tensorboard.close()
 

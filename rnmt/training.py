@@ -738,9 +738,8 @@ class Trainer:
                 c.save_dir.mkdir(parents=True, exist_ok=True)
                 (c.save_dir / "config.json").write_text(
                     json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
-                self.metrics = MetricsLog(c.save_dir, append=c.resume)
-                if self.metrics.warning:
-                    self.reporter.warning(self.metrics.warning)
+                self.metrics = MetricsLog(c.save_dir, append=c.resume,
+                                          warn=self.reporter.warning)
             except OSError as err:  # read-only, no permission, a file in the way, full disk
                 raise ConfigError(f"--save-dir {c.save_dir}: cannot write "
                                   f"({err.strerror or err})") from None
@@ -824,7 +823,8 @@ class Trainer:
                 signal.signal(s, handler)
             if self.metrics is not None:
                 self.metrics.close()
-        plot = main and c.plot and plot_curves(self.metrics.path, c.save_dir / "training.png")
+        plot = (main and c.plot and not self.metrics.failed
+                and plot_curves(self.metrics.path, c.save_dir / "training.png"))
         summary = {"reason": reason, "step": self.state.step, "epoch": self.state.epoch,
                    "best_valid_loss": self.state.best_valid_loss,
                    "best_valid_ppl": math.exp(min(self.state.best_valid_loss, 50.0)),

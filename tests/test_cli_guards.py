@@ -173,6 +173,17 @@ def test_average_never_writes_over_its_inputs_or_the_runs_last_checkpoint(bin_di
 
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_metrics_log_on_a_full_disk_is_a_warning_and_training_goes_on(bin_dir, tmp_path):
+    # /dev/full fails every write with ENOSPC, as a full disk does.
+    tmp_path.joinpath("metrics.jsonl").symlink_to("/dev/full")
+    result = _train(bin_dir, tmp_path, "--max-steps", "4", "--log-every", "1")
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err, err
+    assert err.count("cannot write") == 1 and "No space left on device" in err
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4  # the work is kept
+
+
 def test_outputs_where_a_file_is_in_the_way_are_one_line_errors(trained_checkpoint, tmp_path):
     (tmp_path / "a-file").write_text("")
     result = run_rnmt("average", str(trained_checkpoint), "-o", str(tmp_path / "a-file" / "x.pt"))
