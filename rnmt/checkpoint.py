@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,20 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError
+        # ("unexpected pos …"); the temporary file is removed either way.
         with contextlib.suppress(OSError):  # no directory to hold it: nothing to remove
             tmp.unlink(missing_ok=True)
-        where = f": {err.filename}" if err.filename and str(err.filename) != str(tmp) else ""
-        raise CheckpointError(f"{path}: cannot save checkpoint "
-                              f"({err.strerror or err}{where})") from None
+        if isinstance(err, OSError):
+            where = f": {err.filename}" if err.filename and str(err.filename) != str(tmp) else ""
+            reason = f"{err.strerror or err}{where}"
+        else:
+            reason = (str(err).splitlines() or [""])[0]
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(path.parent).free < 2**20:
+                    reason = "No space left on device"
+        raise CheckpointError(f"{path}: cannot save checkpoint ({reason})") from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -75,7 +75,17 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     more pass over train (two when sentencepiece is trained here), and binarisation one
     over each split, chunk by chunk, so a corpus larger than memory can be preprocessed.
     """
-    c = config
+    try:
+        return _preprocess(config)
+    except OSError as err:
+        # Reading the corpus reports its own DataErrors: this is --out's disk (full, gone,
+        # read-only). meta.json is written last, so what is there is no corpus to train on.
+        where = err.filename or f"--out {config.out}"
+        raise DataError(f"{where}: cannot write ({err.strerror or err}); "
+                        f"{config.out} holds no usable corpus") from None
+
+
+def _preprocess(c: PreprocessConfig) -> PreprocessReport:
     # Checked before the (long) passes over the text; each was a traceback (sentencepiece's
     # RuntimeError, FileExistsError from mkdir) after them.
     if c.vocab_size < 1 or c.max_len < 1 or c.threads < 1:

@@ -74,15 +74,22 @@ def test_a_newer_format_version_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, message", [
+    (OSError(28, "No space left on device"), "No space left"),
+    # what torch.save's zip writer raises when the disk fills (a traceback before)
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+     "unexpected pos 64 vs 0"),
+])
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, error, message):
     path = tmp_path / "last.pt"
     save_checkpoint(PAYLOAD, path)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def disk_full(payload, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise error
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left"):
+    with pytest.raises(CheckpointError, match=message):
         save_checkpoint({**PAYLOAD, "model": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))

@@ -276,6 +276,30 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
     assert not (tmp_path / "c").exists()
 
 
+def test_preprocess_onto_a_full_disk_is_one_error_and_leaves_no_corpus(corpus_dir, tmp_path,
+                                                                        monkeypatch):
+    from pathlib import Path
+
+    from rnmt.errors import DataError
+    from rnmt.preprocess import PreprocessConfig, preprocess
+
+    write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name.startswith("vocab."):
+            raise OSError(28, "No space left on device")  # no file name, as write() gives
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    out = tmp_path / "bin"
+    with pytest.raises(DataError) as caught:  # it was an OSError traceback
+        preprocess(PreprocessConfig(src_lang="en", tgt_lang="de", out=out, vocab_size=200,
+                                    train=str(corpus_dir / "train")))
+    assert str(caught.value) == (f"--out {out}: cannot write (No space left on device); "
+                                 f"{out} holds no usable corpus")
+    assert not (out / "meta.json").exists()
+
+
 # --- train: a damaged data directory --------------------------------------------------
 
 
