@@ -11,6 +11,8 @@ than RAM can be trained on.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -410,9 +412,25 @@ class TokenBatchSampler:
         self.epoch += 1
         self.position = 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+    @functools.cached_property  # every save asks; hashing 10M lengths takes ~0.1 s
+    def fingerprint(self) -> str:
+        """What an epoch's batches depend on besides the epoch: the sentence lengths, the
+        budgets and the seed. A position means the same batches only under the same one."""
+        digest = hashlib.sha1(self.src_lengths.tobytes())
+        digest.update(self.tgt_lengths.tobytes())
+        return (f"{len(self.src_lengths)} pairs, max_tokens {self.max_tokens}, max_sentences "
+                f"{self.max_sentences}, seed {self.seed}, lengths {digest.hexdigest()[:12]}")
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "batching": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue at the saved epoch and position. When the data or the batching have
+        changed since (another corpus, --max-tokens or --seed given again), the saved
+        position counts other batches: the saved epoch then starts over on the new ones,
+        and this returns False."""
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        saved = state.get("batching")  # absent from checkpoints before it was kept
+        same = saved is None or saved == self.fingerprint
+        self.position = int(state["position"]) if same else 0
+        return same

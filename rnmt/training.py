@@ -332,6 +332,7 @@ class Trainer:
         keep_freed_memory()  # every batch reuses the last one's pages (rnmt.heap)
         self.device = self.dist.device
         self.precision_warning = check_precision(config.precision, self.device)
+        self.resume_warning: str | None = None  # set by _restore
         self.meta, self.train_data = load_data(data_dir, "train")
         _, self.valid_data = load_data(data_dir, "valid")
         self.src_vocab, self.tgt_vocab = load_vocabularies(data_dir, self.meta)
@@ -469,7 +470,13 @@ class Trainer:
         self.optimizer.load_state_dict(training["optimizer"])
         if "scheduler" in training:
             self.schedule.load_state_dict(training["scheduler"])
-        self.sampler.load_state_dict(training["sampler"])
+        if not self.sampler.load_state_dict(training["sampler"]):
+            saved = training["sampler"]
+            self.resume_warning = (
+                f"the training data or its batching changed since {self.last_path} was "
+                f"saved ({saved['batching']}; now {self.sampler.fingerprint}): epoch "
+                f"{saved['epoch'] + 1} starts over on the new batches instead of continuing "
+                f"after batch {saved['position']}")
         if self.scaler is not None and "grad_scaler" in training:
             self.scaler.load_state_dict(training["grad_scaler"])
         rng = training["rng"]
@@ -752,8 +759,9 @@ class Trainer:
             "precision": c.precision,
             "model_config": self.model_config.to_dict(), "resumed_at": self.state.step,
         })
-        if self.precision_warning:
-            self.reporter.warning(self.precision_warning)
+        for warning in (self.precision_warning, self.resume_warning):
+            if warning:
+                self.reporter.warning(warning)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         started = self._started = time.time()
         window_tokens, window_nll, window_start = 0, 0.0, time.time()

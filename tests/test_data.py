@@ -98,8 +98,27 @@ def test_sampler_resumes_mid_epoch_where_it_stopped():
     it = iter(sampler)
     head = [next(it).tolist() for _ in range(5)]
     resumed = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
-    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.load_state_dict(sampler.state_dict())
     assert head + [b.tolist() for b in resumed] == expected
+
+
+def test_a_position_saved_under_other_data_or_budgets_restarts_its_epoch():
+    data = _random_data(300)
+    sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=3)
+    sampler.epoch, sampler.position = 2, 5
+    state = sampler.state_dict()
+    others = [TokenBatchSampler(data.src.lengths, data.tgt.lengths, 300, seed=3),  # budget
+              TokenBatchSampler(data.src.lengths, data.tgt.lengths, 200, seed=4),  # seed
+              TokenBatchSampler(data.src.lengths[:-1], data.tgt.lengths[:-1], 200, seed=3)]
+    lengths = data.tgt.lengths.copy()
+    lengths[0] += 1  # one sentence one piece longer: as many pairs, other batches
+    others.append(TokenBatchSampler(data.src.lengths, lengths, 200, seed=3))
+    for other in others:
+        assert not other.load_state_dict(state)
+        assert (other.epoch, other.position) == (2, 0)
+    old = TokenBatchSampler(data.src.lengths, data.tgt.lengths, 300, seed=3)
+    assert old.load_state_dict({"epoch": 2, "position": 5})  # saved before it was kept
+    assert (old.epoch, old.position) == (2, 5)
 
 
 def test_collate_adds_bos_and_eos_and_pads():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 
@@ -35,6 +36,30 @@ def test_resume_gives_the_parameters_of_one_straight_run(bin_dir, tmp_path):
     resumed.train()
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert (p - q).abs().max() <= 1e-6, name
+
+
+def test_resume_on_other_data_restarts_the_epoch_with_a_warning(bin_dir, tmp_path):
+    # The same vocabulary, another training set: the saved position counted other batches.
+    other = tmp_path / "other-bin"
+    shutil.copytree(bin_dir, other)
+    for lang in ("en", "de"):
+        for suffix in ("ids.npy", "offsets.npy"):
+            shutil.copy(bin_dir / f"valid.{lang}.{suffix}", other / f"train.{lang}.{suffix}")
+    Trainer(bin_dir, TINY_MODEL, _config(tmp_path / "run", max_steps=5)).train()
+    resumed = Trainer(other, TINY_MODEL, _config(tmp_path / "run", max_steps=7, resume=True))
+    assert (resumed.sampler.epoch, resumed.sampler.position) == (0, 0)
+    warned: list[str] = []
+    resumed.reporter.warning = warned.append
+    resumed.train()
+    assert len(warned) == 1 and "the training data or its batching changed" in warned[0]
+    assert "epoch 1 starts over on the new batches instead of continuing after batch 5" \
+        in warned[0]
+    # On the same data nothing is said and the position carries over.
+    same = Trainer(bin_dir, TINY_MODEL, _config(tmp_path / "run2", max_steps=5))
+    same.train()
+    again = Trainer(bin_dir, TINY_MODEL, _config(tmp_path / "run2", max_steps=6, resume=True))
+    assert (again.sampler.epoch, again.sampler.position) == (0, 5)
+    assert again.resume_warning is None
 
 
 def _records(save_dir) -> list[dict]:
