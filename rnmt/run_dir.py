@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -67,6 +68,38 @@ def clear_run(save_dir: Path) -> None:
     for path in run_checkpoints(save_dir) + [save_dir / name for name in RUN_FILES]:
         path.unlink(missing_ok=True)
     shutil.rmtree(save_dir / "tensorboard", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(save_dir: Path) -> Iterator[None]:
+    """Hold `save_dir/.lock` (an advisory flock, released when the process ends, however it
+    ends) while a run trains there. A second `rnmt train` into the same directory would
+    write over the first one's checkpoints (or, with --overwrite, delete them): refused."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: runs are not guarded against each other
+        yield
+        return
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(save_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as err:  # read-only, no permission, a file in the way, full disk
+        raise ConfigError(f"--save-dir {save_dir}: cannot write ({err.strerror or err})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise ConfigError(
+                f"--save-dir {save_dir} is in use by another rnmt train"
+                + (f" (pid {holder})" if holder.isdigit() else "")
+                + "; wait for it to finish, or choose another --save-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 class MetricsLog:

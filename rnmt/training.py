@@ -71,7 +71,7 @@ from rnmt.precision import (PRECISIONS, check_precision, check_precision_name,
                             cpu_has_bf16_units)
 from rnmt.preprocess import check_ids, load_data, load_vocabularies
 from rnmt.run_dir import (STEP_CHECKPOINT, MetricsLog, check_save_dir, clear_run,
-                          plot_curves)
+                          plot_curves, run_lock)
 from rnmt.search import SearchConfig, search
 from rnmt.translator import check_threads, resolve_device
 from rnmt.vocab import EOS, Vocabulary
@@ -736,6 +736,12 @@ class Trainer:
         return bool(self.state.history) and self.state.history[-1]["step"] == self.state.step
 
     def train(self) -> dict[str, Any]:
+        """Train until a limit, early stopping, a signal or divergence; the summary."""
+        # Rank 0 alone writes the save directory, so it alone holds the run's lock.
+        with run_lock(self.config.save_dir) if self.dist.is_main else contextlib.nullcontext():
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         c = self.config
         main = self.dist.is_main
         if main:

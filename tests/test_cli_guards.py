@@ -8,7 +8,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +41,33 @@ def test_a_new_run_never_overwrites_the_checkpoints_of_another(bin_dir, tmp_path
     assert_one_line_error(result, "--resume", "--overwrite", str(tmp_path))
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before  # not a byte of the old run changed, metrics.jsonl included
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is a POSIX flock")
+def test_a_second_run_into_a_save_dir_in_use_is_refused(bin_dir, tmp_path):
+    first = subprocess.Popen(
+        RNMT + ["train", str(bin_dir), "--save-dir", str(tmp_path), "--device", "cpu",
+                "--threads", "1", "--no-plot", *SIZES, "--max-tokens", "800",
+                "--max-steps", "100000", "--save-every", "100000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").exists():  # written once the lock is held
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        # --overwrite would have deleted the running run's files; --resume found no last.pt
+        # yet or one being rewritten under it.
+        result = _train(bin_dir, tmp_path, "--overwrite", "--max-steps", "2")
+        assert_one_line_error(result, "is in use by another rnmt train",
+                              f"(pid {first.pid})")
+        assert (tmp_path / "metrics.jsonl").exists() and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves last.pt, then exits 130
+        first.wait(timeout=120)
+    assert first.returncode == 130, first.stderr.read().decode()
+    # The lock went with the process: the run continues in the same directory.
+    again = _train(bin_dir, tmp_path, "--resume", "--max-epochs", "1")
+    assert again.returncode == 0, again.stderr.decode()
 
 
 def test_overwrite_starts_a_new_run_over_the_old_one(bin_dir, tmp_path):
