@@ -45,28 +45,30 @@ def test_a_new_run_never_overwrites_the_checkpoints_of_another(bin_dir, tmp_path
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is a POSIX flock")
 def test_a_second_run_into_a_save_dir_in_use_is_refused(bin_dir, tmp_path):
-    first = subprocess.Popen(
-        RNMT + ["train", str(bin_dir), "--save-dir", str(tmp_path), "--device", "cpu",
-                "--threads", "1", "--no-plot", *SIZES, "--max-tokens", "800",
-                "--max-steps", "100000", "--save-every", "100000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run, log = tmp_path / "run", tmp_path / "first.log"
+    with open(log, "wb") as sink:  # a file, not a pipe nobody reads while it trains
+        first = subprocess.Popen(
+            RNMT + ["train", str(bin_dir), "--save-dir", str(run), "--device", "cpu",
+                    "--threads", "1", "--no-plot", *SIZES, "--max-tokens", "800",
+                    "--max-steps", "100000", "--save-every", "100000"],
+            stdout=subprocess.DEVNULL, stderr=sink)
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "metrics.jsonl").exists():  # written once the lock is held
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        while not (run / "metrics.jsonl").exists():  # written once the lock is held
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         # --overwrite would have deleted the running run's files; --resume found no last.pt
         # yet or one being rewritten under it.
-        result = _train(bin_dir, tmp_path, "--overwrite", "--max-steps", "2")
+        result = _train(bin_dir, run, "--overwrite", "--max-steps", "2")
         assert_one_line_error(result, "is in use by another rnmt train",
                               f"(pid {first.pid})")
-        assert (tmp_path / "metrics.jsonl").exists() and first.poll() is None
+        assert (run / "metrics.jsonl").exists() and first.poll() is None
     finally:
         first.send_signal(signal.SIGTERM)  # saves last.pt, then exits 130
         first.wait(timeout=120)
-    assert first.returncode == 130, first.stderr.read().decode()
+    assert first.returncode == 130, log.read_text()
     # The lock went with the process: the run continues in the same directory.
-    again = _train(bin_dir, tmp_path, "--resume", "--max-epochs", "1")
+    again = _train(bin_dir, run, "--resume", "--max-epochs", "1")
     assert again.returncode == 0, again.stderr.decode()
 
 
