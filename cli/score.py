@@ -73,8 +73,9 @@ def score(
         "--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Score translations against references, compare systems, or score text with a model."""
-    if errors not in ("strict", "replace"):
-        raise ConfigError(f"unknown --errors {errors!r}; choose from strict, replace")
+    from rnmt.text import check_error_policy
+
+    check_error_policy(errors)
     files = list(hypotheses or [])
     if model:
         if by_length or significance or plot:

@@ -53,7 +53,7 @@ def translate(
 
     from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
-    from rnmt.text import LineReader, TextLines, same_file
+    from rnmt.text import LineReader, TextLines, check_error_policy, same_file
     from rnmt.translator import OUTPUT_FORMATS, Translator, check_threads
 
     check_threads(threads)
@@ -65,8 +65,7 @@ def translate(
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown --output-format {output_format!r}; choose from "
                           f"{', '.join(OUTPUT_FORMATS)}")
-    if errors not in ("replace", "strict"):
-        raise ConfigError(f"unknown --errors {errors!r}; choose replace or strict")
+    check_error_policy(errors)
     for name, value in (("batch-size", batch_size), ("buffer-size", buffer_size),
                         ("max-tokens", max_tokens)):
         if value < 1:

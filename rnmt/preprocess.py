@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rnmt.data import ParallelData, TokenArray, TokenArrayWriter
 from rnmt.errors import DataError
-from rnmt.text import ERROR_POLICIES, TextLines, corpus_path
+from rnmt.text import TextLines, check_error_policy, corpus_path
 from rnmt.vocab import Vocabulary, train_sentencepiece
 
 META = "meta.json"
@@ -92,8 +92,7 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
         raise DataError("--vocab-size, --max-len and --threads must be at least 1")
     if c.threads > 1024:
         raise DataError("--threads must be at most 1024 (sentencepiece's limit)")
-    if c.errors not in ERROR_POLICIES:
-        raise DataError(f"unknown --errors {c.errors!r}; choose {' or '.join(ERROR_POLICIES)}")
+    check_error_policy(c.errors)
     if Path(c.out).exists() and not Path(c.out).is_dir():
         raise DataError(f"--out {c.out}: exists and is not a directory")
     if c.model_type not in ("unigram", "bpe"):

@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rnmt.errors import DataError
+from rnmt.errors import ConfigError, DataError
 
 ERROR_POLICIES = ("strict", "replace")
+
+
+def check_error_policy(errors: str) -> None:
+    """A ConfigError for an `--errors` value that is no UTF-8 error policy."""
+    if errors not in ERROR_POLICIES:
+        raise ConfigError(f"unknown --errors {errors!r}; choose {' or '.join(ERROR_POLICIES)}")
 
 
 @dataclass
@@ -88,8 +94,7 @@ class LineReader:
     """
 
     def __init__(self, stream: BinaryIO, name: str, errors: str = "replace") -> None:
-        if errors not in ERROR_POLICIES:
-            raise ValueError(f"unknown UTF-8 error policy {errors!r}")
+        check_error_policy(errors)
         self.stream, self.name, self.errors = stream, name, errors
         self.invalid_lines = 0
 
@@ -111,8 +116,7 @@ class TextLines:
     """
 
     def __init__(self, path: str | Path, errors: str = "replace") -> None:
-        if errors not in ERROR_POLICIES:
-            raise ValueError(f"unknown UTF-8 error policy {errors!r}")
+        check_error_policy(errors)
         self.path = Path(path)
         self.errors = errors
         self.lines = 0
@@ -140,8 +144,7 @@ class TextLines:
 
 def decode_lines(raw: bytes, name: str, errors: str = "replace") -> TextFile:
     """Split bytes into lines and decode each as UTF-8 under the given error policy."""
-    if errors not in ERROR_POLICIES:
-        raise ValueError(f"unknown UTF-8 error policy {errors!r}")
+    check_error_policy(errors)
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     chunks = raw.split(b"\n")

@@ -323,7 +323,8 @@ class Trainer:
     def __init__(self, data_dir: Path, model_config: dict[str, Any], config: TrainConfig,
                  reporter: Reporter | None = None, dist: Distributed | None = None) -> None:
         self.config = config
-        check_save_dir(config.save_dir, config.resume, config.overwrite)  # before any data is read: the cheapest mistake to report
+        # before any data is read: the cheapest mistake to report
+        check_save_dir(config.save_dir, config.resume, config.overwrite)
         self.data_dir = Path(data_dir)
         self.dist = dist or Distributed(device=resolve_device(config.device))
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
