@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from rnmt.errors import RnmtError
+from rnmt.errors import RnmtError, is_out_of_memory
 
 # name -> one-line summary; the function `name` of module `rnmt_cli.name` runs it.
 COMMANDS = {
@@ -40,8 +40,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except (MemoryError, RuntimeError) as err:
             # Sizes past this machine's memory (`--beam 10**9`, `--emb-dim 10**9`): torch
             # reports a failed CPU allocation as a RuntimeError, Python as a MemoryError.
-            if not (isinstance(err, MemoryError) or "can't allocate memory" in str(err)
-                    or "out of memory" in str(err)):
+            if not is_out_of_memory(err):
                 raise
             print(f"rnmt: error: {out_of_memory_message(err)}", file=sys.stderr)
             raise SystemExit(2) from None

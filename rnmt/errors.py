@@ -19,3 +19,15 @@ class VocabularyMismatch(RnmtError):
 
 class ConfigError(RnmtError):
     """Options that contradict each other or the data."""
+
+
+# torch's messages for a failed CPU allocation, a failed CUDA one, and a size past any
+# address space (`--beam 10**17` over a batch of 64 rows).
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: Python's `MemoryError`, or torch's `RuntimeError` (its
+    `OutOfMemoryError` included) for an allocation that failed or could not be sized."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in _OUT_OF_MEMORY))

@@ -15,7 +15,10 @@ the whole run state (optimizer, schedule, RNG, sampler position), from which `--
 continues bit for bit: validation runs under a forked RNG, so it never shifts the random
 stream of dropout. SIGINT/SIGTERM finish the current update, save `last.pt` and stop.
 An update whose loss or gradient is not finite is skipped; `max_bad_updates` of them in a
-row stop the run (`TrainingDiverged`) with the last good parameters in `last.pt`.
+row stop the run (`TrainingDiverged`) with the last good parameters in `last.pt`. So is a
+batch the machine has no memory for, and as many of those in a row stop the run too. Any
+other error between two updates (a failed allocation during validation, a bug) saves
+`last.pt` before it ends the run: the work since the last save is not lost.
 
 Every log interval and validation becomes a JSON line in `save_dir/metrics.jsonl` (and a
 TensorBoard event when tensorboard is installed); `save_dir/config.json` holds the resolved
@@ -62,7 +65,7 @@ import torch
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
 from rnmt.distributed import Distributed
-from rnmt.errors import CheckpointError, ConfigError, RnmtError
+from rnmt.errors import CheckpointError, ConfigError, RnmtError, is_out_of_memory
 from rnmt.heap import keep_freed_memory
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
@@ -397,6 +400,8 @@ class Trainer:
         self._stopping = False  # a signal reached some rank: all stop after this update
         self._late = False  # --max-time passed on some rank, as agreed at the last update
         self._started: float | None = None
+        self._updating = False  # inside an optimizer step (see `train_step`)
+        self._oom_in_a_row = 0  # batches skipped for want of memory since the last update
         self.metrics: MetricsLog | None = None
 
     def _check_data_fits(self, data_dir: Path, options: dict[str, Any]) -> None:
@@ -547,7 +552,9 @@ class Trainer:
                     loss = loss * scale
                     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 nll_sum += nll
-        except torch.OutOfMemoryError:
+        except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
             if self.dist.enabled:
                 # The other ranks are already waiting for this rank's gradients: one rank
                 # cannot skip a batch alone.
@@ -561,6 +568,14 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.state.oom_batches += 1
+            self._oom_in_a_row += 1
+            if self._oom_in_a_row >= c.max_bad_updates:
+                self.save()
+                raise ConfigError(
+                    f"out of memory on {self._oom_in_a_row} batches in a row (the last of "
+                    f"{total_tokens} target pieces); stopped at step {self.state.step} with "
+                    f"its state in {self.last_path}. Lower --max-tokens, then continue "
+                    "with --resume") from None
             self.reporter.warning(
                 f"out of memory on a batch of {total_tokens} target pieces at step "
                 f"{self.state.step + 1}; skipped it ({self.state.oom_batches} so far; "
@@ -591,6 +606,10 @@ class Trainer:
             if not overflow:
                 self.state.bad_updates += 1
             return {"nll": 0.0, "tokens": 0, "updated": False, "grad_norm": norm_value}
+        self._oom_in_a_row = 0
+        # From here until the step is counted, an error leaves parameters and optimizer
+        # state half updated: nothing to save (see `_save_after_error`).
+        self._updating = True
         if c.clip_norm > 0:
             clip_gradients(grads, c.clip_norm, norm, norm_value)
         self.schedule.before_update(self.state.step + 1)
@@ -598,6 +617,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.state.step += 1
+        self._updating = False
         self.state.bad_updates = 0
         return {"nll": nll_value, "tokens": total_tokens, "updated": True,
                 "grad_norm": norm_value}
@@ -833,6 +853,11 @@ class Trainer:
                 self.validate()
             self.state.elapsed += time.time() - started
             self.save()
+        except Exception as err:
+            # Ours (RnmtError, TrainingInterrupted) come after a save or from one.
+            if not isinstance(err, (RnmtError, TrainingInterrupted)):
+                self._save_after_error(started)
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -851,6 +876,24 @@ class Trainer:
                    "plot": str(c.save_dir / "training.png") if plot else None}
         self.reporter.finish(summary)
         return summary
+
+    def _save_after_error(self, started: float) -> None:
+        """An unexpected error ends the run (a failed allocation in validation, a bug):
+        keep the updates since the last save in `last.pt`, then let the error go on. Not
+        from inside an optimizer step (its state is torn), and not in a data-parallel run
+        (a save gathers every rank's RNG state, and the other ranks are not listening).
+        The batch being trained when the error came is skipped by `--resume`."""
+        if self.dist.enabled or self._updating:
+            return
+        self.state.elapsed += time.time() - started
+        try:
+            self.save()
+        except Exception as err:  # the disk, say; the error on its way out comes first
+            self.reporter.warning(f"an error stopped training at step {self.state.step}, "
+                                  f"and saving failed too: {err}")
+            return
+        self.reporter.warning(f"an error stopped training at step {self.state.step}; "
+                              f"saved {self.last_path} (continue with --resume)")
 
     def _diverged(self) -> None:
         """Stop: the parameters are still the last good ones (bad updates were skipped)."""

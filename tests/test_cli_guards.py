@@ -176,8 +176,31 @@ def test_sizes_past_the_machines_memory_are_one_line_errors(trained_checkpoint, 
     result = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", str(10**17),
                       stdin="one\n")
     assert_one_line_error(result, "out of memory", "GiB asked for")
+    # Over a batch of rows, the size itself overflows before any allocation is tried.
+    result = run_rnmt("translate", "-m", str(trained_checkpoint), "--beam", str(10**17),
+                      stdin="one two\n" * 70)
+    assert_one_line_error(result, "out of memory")
     result = _train(bin_dir, tmp_path / "run", "--emb-dim", str(10**15))
     assert_one_line_error(result, "out of memory", "GiB asked for")
+
+
+def test_a_failure_in_validation_saves_the_updates_before_it_ends_the_run(bin_dir, tmp_path):
+    """The beam of validation is too large for the machine: the first validation (at step
+    3) fails. The three updates are in last.pt (they were lost before), and --resume with a
+    beam that fits finishes the run."""
+    run = tmp_path / "run"
+    result = _train(bin_dir, run, "--max-tokens", "400", "--valid-every", "3",
+                    "--max-steps", "6", "--valid-bleu", "--valid-beam", str(10**17))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("rnmt: error:")]
+    assert len(errors) == 1 and "out of memory" in errors[0], err
+    assert f"saved {run / 'last.pt'} (continue with --resume)" in err
+    saved = load_checkpoint(run / "last.pt")["training"]["state"]
+    assert saved["step"] == 3
+    result = _train(bin_dir, run, "--resume", "--valid-beam", "1")
+    assert result.returncode == 0, result.stderr.decode()
+    assert load_checkpoint(run / "last.pt")["training"]["state"]["step"] == 6
 
 
 @pytest.mark.parametrize("options", [["--max-len-b", "-50"], ["--max-len-a", "1e30"]])

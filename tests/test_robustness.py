@@ -436,31 +436,119 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_clearly(
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no torn leftovers
 
 
-def test_out_of_memory_on_a_batch_skips_it_with_a_warning(bin_dir, tmp_path, monkeypatch):
-    """As fairseq does: a batch too large for the device is skipped, training goes on."""
-    import torch
+class _Recorder:
+    """A reporter that keeps the warnings."""
 
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def start(self, info) -> None: ...
+    def progress(self, stats) -> None: ...
+    def validation(self, stats) -> None: ...
+    def finish(self, summary) -> None: ...
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def _failing_batch_loss(monkeypatch, fail) -> None:
+    """`batch_loss` raises `fail(n)` on its n-th call where that is not None."""
     import rnmt.training as training
-    from rnmt.training import TrainConfig, Trainer
 
-    warnings: list[str] = []
+    real_loss, calls = training.batch_loss, {"n": 0}
 
-    class Recorder(training.SilentReporter):
-        def warning(self, message: str) -> None:
-            warnings.append(message)
-
-    real_loss = training.batch_loss
-    calls = {"n": 0}
-
-    def loss_that_runs_out_of_memory_once(*args, **kwargs):
+    def loss(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        error = fail(calls["n"])
+        if error is not None:
+            raise error
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "batch_loss", loss_that_runs_out_of_memory_once)
+    monkeypatch.setattr(training, "batch_loss", loss)
+
+
+OUT_OF_MEMORY = {
+    "cuda": lambda: __import__("torch").OutOfMemoryError("CUDA out of memory (simulated)"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                "DefaultCPUAllocator: can't allocate memory: you tried to "
+                                "allocate 4000000000 bytes. Error code 12"),
+    "python": MemoryError,
+}
+
+
+@pytest.mark.parametrize("kind", list(OUT_OF_MEMORY))
+def test_out_of_memory_on_a_batch_skips_it_with_a_warning(bin_dir, tmp_path, monkeypatch,
+                                                          kind):
+    """As fairseq does: a batch too large for the machine is skipped, training goes on
+    (on the CPU, torch reports a failed allocation as a RuntimeError: that stopped the run
+    and lost the work since the last save before)."""
+    from rnmt.training import TrainConfig, Trainer
+
+    _failing_batch_loss(monkeypatch, lambda n: OUT_OF_MEMORY[kind]() if n == 3 else None)
     config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=5, device="cpu")
-    trainer = Trainer(bin_dir, TINY_MODEL, config, Recorder())
+    reporter = _Recorder()
+    trainer = Trainer(bin_dir, TINY_MODEL, config, reporter)
     summary = trainer.train()
     assert summary["step"] == 5 and trainer.state.oom_batches == 1
-    assert len(warnings) == 1 and "out of memory" in warnings[0]
+    assert len(reporter.warnings) == 1 and "out of memory" in reporter.warnings[0]
+
+
+def test_out_of_memory_on_batch_after_batch_stops_with_the_work_saved(bin_dir, tmp_path,
+                                                                     monkeypatch):
+    """Not a batch too large but a machine too small: max_bad_updates skipped batches in
+    a row end the run, with the updates before them in last.pt."""
+    from rnmt.errors import ConfigError
+    from rnmt.training import TrainConfig, Trainer
+
+    _failing_batch_loss(monkeypatch, lambda n: OUT_OF_MEMORY["cpu"]() if n > 2 else None)
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=10, device="cpu",
+                         max_bad_updates=3)
+    reporter = _Recorder()
+    with pytest.raises(ConfigError, match="out of memory on 3 batches in a row.*--max-tokens"):
+        Trainer(bin_dir, TINY_MODEL, config, reporter).train()
+    assert len(reporter.warnings) == 2  # the first two skips; the third is the error
+    assert load_checkpoint(tmp_path / "last.pt")["training"]["state"]["step"] == 2
+
+
+def test_an_error_between_updates_saves_the_work_before_it_ends_the_run(bin_dir, tmp_path,
+                                                                        monkeypatch):
+    """An unexpected error (a bug, say) in the 5th batch: the error still ends the run, but
+    the 4 updates before it are in last.pt (nothing was saved before), and --resume goes
+    on from there."""
+    from rnmt.training import TrainConfig, Trainer
+
+    _failing_batch_loss(monkeypatch, lambda n: ValueError("a bug") if n == 5 else None)
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=8, device="cpu")
+    reporter = _Recorder()
+    with pytest.raises(ValueError, match="a bug"):
+        Trainer(bin_dir, TINY_MODEL, config, reporter).train()
+    assert reporter.warnings == [f"an error stopped training at step 4; saved "
+                                 f"{tmp_path / 'last.pt'} (continue with --resume)"]
+    assert load_checkpoint(tmp_path / "last.pt")["training"]["state"]["step"] == 4
+    monkeypatch.undo()
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=8, device="cpu",
+                         resume=True)
+    assert Trainer(bin_dir, TINY_MODEL, config, _Recorder()).train()["step"] == 8
+
+
+def test_an_error_inside_an_optimizer_step_saves_nothing(bin_dir, tmp_path):
+    """Half-updated parameters and optimizer state are no state to resume from: the last
+    save (here: none) stays what --resume finds."""
+    from rnmt.training import TrainConfig, Trainer
+
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=8, device="cpu")
+    reporter = _Recorder()
+    trainer = Trainer(bin_dir, TINY_MODEL, config, reporter)
+    real_step, calls = trainer.optimizer.step, {"n": 0}
+
+    def step_that_fails_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            next(trainer.model.parameters()).data.add_(1.0)  # torn: one tensor updated
+            raise RuntimeError("failed in the middle of an update")
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step_that_fails_midway
+    with pytest.raises(RuntimeError, match="in the middle"):
+        trainer.train()
+    assert not (tmp_path / "last.pt").exists() and reporter.warnings == []
