@@ -15,12 +15,17 @@ def test_config_file_options_apply_and_the_command_line_wins(bin_dir, tmp_path):
     sizes = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items())
     (tmp_path / "run.toml").write_text(
         f'data = "{bin_dir}"\nsave-dir = "{tmp_path / "run"}"\nlr = 0.002\n'
-        f'max_steps = 2\nmax-tokens = 400\ndevice = "cpu"\n[model]\n{sizes}\n'
+        f'max_steps = 2\nmax-tokens = 400\ndevice = "cpu"\nvalid_bleu = true\n'
+        f'[model]\n{sizes}\ntie_embeddings = true\nreverse_source = true\n'
     )
+    # Every on/off option has its --no- form: what a file turns on, the command line can
+    # turn off (`--no-valid-bleu` was an unknown option).
     result = run_rnmt("train", "--config", str(tmp_path / "run.toml"), "--lr", "0.004",
-                      "--no-plot")
+                      "--no-plot", "--no-valid-bleu", "--no-tie-embeddings")
     assert result.returncode == 0, result.stderr.decode()
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert resolved["valid_bleu"] is False and resolved["tie_embeddings"] is False
+    assert resolved["reverse_source"] is True
     assert resolved["lr"] == 0.004 and resolved["max_steps"] == 2
     assert resolved["max_tokens"] == 400 and resolved["emb_dim"] == TINY_MODEL["emb_dim"]
     assert resolved["plot"] is False and resolved["optimizer"] == "adam"
