@@ -54,7 +54,8 @@ def translate(
     from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
     from rnmt.text import LineReader, TextLines, check_error_policy, same_file
-    from rnmt.translator import OUTPUT_FORMATS, Translator, check_threads
+    from rnmt.device import check_threads
+    from rnmt.translator import OUTPUT_FORMATS, Translator
 
     check_threads(threads)
     if threads:

@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
+from rnmt.device import resolve_device
 from rnmt.errors import ConfigError
 
 # Rank 0 validates (and may decode) the whole validation set while the other ranks wait in
@@ -91,8 +92,6 @@ def setup(device: str = "auto") -> Distributed:
     `device` is the `--device` option: auto or cuda takes cuda:LOCAL_RANK when CUDA is
     present (backend NCCL), cpu runs every rank on the CPU (backend gloo).
     """
-    from rnmt.translator import resolve_device
-
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return Distributed(device=resolve_device(device))

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rnmt.data import ParallelData, TokenArray, TokenArrayWriter
+from rnmt.device import MAX_THREADS
 from rnmt.errors import DataError
 from rnmt.text import TextLines, check_error_policy, corpus_path
 from rnmt.vocab import Vocabulary, train_sentencepiece
@@ -90,8 +91,8 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
     # RuntimeError, FileExistsError from mkdir) after them.
     if c.vocab_size < 1 or c.max_len < 1 or c.threads < 1:
         raise DataError("--vocab-size, --max-len and --threads must be at least 1")
-    if c.threads > 1024:
-        raise DataError("--threads must be at most 1024 (sentencepiece's limit)")
+    if c.threads > MAX_THREADS:
+        raise DataError(f"--threads must be at most {MAX_THREADS}")
     check_error_policy(c.errors)
     if Path(c.out).exists() and not Path(c.out).is_dir():
         raise DataError(f"--out {c.out}: exists and is not a directory")

@@ -76,7 +76,7 @@ from rnmt.preprocess import check_ids, load_data, load_vocabularies
 from rnmt.run_dir import (STEP_CHECKPOINT, MetricsLog, check_save_dir, clear_run,
                           plot_curves, run_lock)
 from rnmt.search import SearchConfig, search
-from rnmt.translator import check_threads, resolve_device
+from rnmt.device import check_threads, resolve_device
 from rnmt.vocab import EOS, Vocabulary
 
 METRICS = ("ppl", "bleu")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from rnmt.alignment import WORD_START, hard_alignment, pharaoh
 from rnmt.checkpoint import load_checkpoint
 from rnmt.data import pad_sentences
+from rnmt.device import resolve_device
 from rnmt.errors import CheckpointError, ConfigError, VocabularyMismatch
 from rnmt.models import ModelConfig, build_model
 from rnmt.nn.attention import Attention
@@ -63,31 +64,6 @@ def length_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int
     if current:
         batches.append(current)
     return batches
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` = CUDA when present, else CPU; a device named must exist on this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: unknown device; choose auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-# libgomp aborts the process (no exception) when it cannot allocate a pool of threads
-# this large; sentencepiece refuses more than 1024 too.
-MAX_THREADS = 1024
-
-
-def check_threads(threads: int | None) -> None:
-    """A ConfigError for a `--threads` outside [0, MAX_THREADS] (0 or None: torch's default)."""
-    if threads is not None and not 0 <= threads <= MAX_THREADS:
-        raise ConfigError(f"--threads must be between 0 (torch's default) and {MAX_THREADS}, "
-                          f"not {threads}")
 
 
 @dataclass
