@@ -277,7 +277,8 @@ def _plot_by_length(report, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     try:
-        figure.savefig(path)
+        # The format named: matplotlib would append ".png" to a name without a suffix.
+        figure.savefig(path, format=path.suffix[1:].lower() or "png")
     except (OSError, ValueError) as err:
         raise ConfigError(f"--plot {path}: cannot write the image ({err})") from None
 

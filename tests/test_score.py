@@ -170,6 +170,16 @@ def test_plot_draws_a_png(files, tmp_path):
     rnmt("score", "--ref", str(files["ref"]), str(files["a"]), str(files["b"]), "--src",
              str(files["src"]), "--by-length", "--plot", str(image), check=True)
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The file named, even without a suffix (matplotlib wrote `len.png` beside it); the
+    # suffix chooses the format; one it does not know is a one-line error.
+    for name, magic in [("bylen", b"\x89PNG"), ("bylen.svg", b"<?xml"), ("bylen.PDF", b"%PDF")]:
+        rnmt("score", "--ref", str(files["ref"]), str(files["a"]), "--src", str(files["src"]),
+             "--by-length", "--plot", str(tmp_path / name), check=True)
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    assert not (tmp_path / "bylen.png").exists()
+    result = rnmt("score", "--ref", str(files["ref"]), str(files["a"]), "--src",
+                  str(files["src"]), "--by-length", "--plot", str(tmp_path / "len.xyz"))
+    assert "--plot" in one_line_error(result) and "xyz" in one_line_error(result)
 
 
 def test_plot_without_matplotlib_is_a_one_line_error(files, tmp_path, monkeypatch):
