@@ -65,6 +65,34 @@ def out_of_memory_message(err: BaseException) -> str:
             "this machine")
 
 
+def versions() -> str:
+    """rnmt's version and those of the libraries whose behaviour its output depends on,
+    read from the installed packages' metadata (importing torch would take a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("rnmt", "torch", "sentencepiece", "sacrebleu"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} (not installed)")
+    return f"{found[0]} ({', '.join(found[1:])})"
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(versions())
+        raise typer.Exit()
+
+
+def _top_level(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the versions of rnmt, torch, sentencepiece "
+                                      "and sacrebleu, and exit."),
+) -> None:
+    """Neural machine translation with recurrent networks."""
+
+
 def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
     """The `rnmt` command with the subcommands `names` (their modules imported here)."""
     app = typer.Typer(
@@ -76,7 +104,7 @@ def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     # A callback keeps `rnmt NAME …` a group command when only one subcommand is built.
-    app.callback()(lambda: None)
+    app.callback()(_top_level)
     for name in names:
         function = getattr(importlib.import_module(f"rnmt_cli.{name}"), name)
         app.command(name=name, help=COMMANDS[name])(guarded(function))

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_rnmt, write_corpus
+from conftest import ROOT, run_rnmt, write_corpus
 
 
 def test_help_lists_every_subcommand():
     out = run_rnmt("--help", check=True).stdout.decode()
     for command in ("preprocess", "train", "translate", "score"):
         assert command in out
+
+
+def test_version_names_rnmt_and_the_libraries_it_runs_on():
+    import sacrebleu
+    import sentencepiece
+    import tomllib
+    import torch
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    out = run_rnmt("--version", check=True).stdout.decode()
+    assert out == (f"rnmt {project['version']} (torch {torch.__version__}, sentencepiece "
+                   f"{sentencepiece.__version__}, sacrebleu {sacrebleu.__version__})\n")
 
 
 def test_preprocess_train_translate_score_end_to_end(tmp_path):
