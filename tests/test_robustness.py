@@ -531,6 +531,26 @@ def test_an_error_between_updates_saves_the_work_before_it_ends_the_run(bin_dir,
     assert Trainer(bin_dir, TINY_MODEL, config, _Recorder()).train()["step"] == 8
 
 
+def test_when_the_save_after_an_error_fails_too_the_first_error_is_the_one_raised(
+        bin_dir, tmp_path, monkeypatch):
+    import rnmt.training as training
+    from rnmt.errors import CheckpointError
+    from rnmt.training import TrainConfig, Trainer
+
+    def full_disk(payload, path):
+        raise CheckpointError(f"{path}: cannot save checkpoint (No space left on device)")
+
+    _failing_batch_loss(monkeypatch, lambda n: ValueError("a bug") if n == 3 else None)
+    monkeypatch.setattr(training, "save_checkpoint", full_disk)
+    config = TrainConfig(save_dir=tmp_path, max_tokens=800, max_steps=8, device="cpu")
+    reporter = _Recorder()
+    with pytest.raises(ValueError, match="a bug"):
+        Trainer(bin_dir, TINY_MODEL, config, reporter).train()
+    assert len(reporter.warnings) == 1
+    assert "step 2, and saving failed too" in reporter.warnings[0]
+    assert "No space left on device" in reporter.warnings[0]
+
+
 def test_an_error_inside_an_optimizer_step_saves_nothing(bin_dir, tmp_path):
     """Half-updated parameters and optimizer state are no state to resume from: the last
     save (here: none) stays what --resume finds."""
