@@ -51,10 +51,10 @@ def translate(
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
     import torch
 
+    from rnmt.device import check_threads
     from rnmt.errors import ConfigError, DataError
     from rnmt.search import SearchConfig
     from rnmt.text import LineReader, TextLines, check_error_policy, same_file
-    from rnmt.device import check_threads
     from rnmt.translator import OUTPUT_FORMATS, Translator
 
     check_threads(threads)

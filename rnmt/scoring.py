@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from rnmt.data import pad_sentences
+from rnmt.device import resolve_device
 from rnmt.errors import ConfigError, DataError
 from rnmt.text import read_lines
-from rnmt.device import resolve_device
 from rnmt.translator import LoadedModel, load_model
 from rnmt.vocab import BOS, EOS, PAD
 

@@ -64,6 +64,7 @@ import torch
 
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
+from rnmt.device import check_threads, resolve_device
 from rnmt.distributed import Distributed
 from rnmt.errors import CheckpointError, ConfigError, RnmtError, is_out_of_memory
 from rnmt.heap import keep_freed_memory
@@ -76,7 +77,6 @@ from rnmt.preprocess import check_ids, load_data, load_vocabularies
 from rnmt.run_dir import (STEP_CHECKPOINT, MetricsLog, check_save_dir, clear_run,
                           plot_curves, run_lock)
 from rnmt.search import SearchConfig, search
-from rnmt.device import check_threads, resolve_device
 from rnmt.vocab import EOS, Vocabulary
 
 METRICS = ("ppl", "bleu")
