@@ -137,6 +137,34 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_finishes(bin_dir, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["step"] == saved["training"]["state"]["step"] + 3
 
 
+def test_ctrl_c_during_translate_keeps_whole_lines_and_exits_130(trained_checkpoint, tmp_path):
+    """Ctrl-C in a pipeline: exit 130 with one line on stderr, no traceback, and what
+    reached stdout is whole translations, the first lines of the input's, in order."""
+    source = tmp_path / "in.en"
+    source.write_text("one hundred twenty-three\nseven thousand four\nnine\n" * 7000)
+    with source.open("rb") as stdin:
+        proc = subprocess.Popen(
+            RNMT + ["translate", "-m", str(trained_checkpoint), "--threads", "1",
+                    "--buffer-size", "30", "--batch-size", "30", "--beam", "2"],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # translation has begun
+        proc.send_signal(signal.SIGINT)
+        # From the same reader: communicate() would read the pipe past what readline()
+        # has already buffered.
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().splitlines() == ["rnmt: interrupted"]
+    out = (first + rest).decode()
+    assert out.endswith("\n")
+    lines = out.splitlines()
+    assert 1 <= len(lines) < 21000
+    # the same three inputs in turn: each output line equals the one three lines before
+    assert all(line == lines[i % 3] for i, line in enumerate(lines)), lines[:6]
+
+
 # ---------------------------------------------------------------------------------------
 # Inputs: what preprocess filters, very long lines
 # ---------------------------------------------------------------------------------------
