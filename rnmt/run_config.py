@@ -134,5 +134,6 @@ def coerce(value: Any, hint: Any, name: str, source: str) -> Any:
             return hint(value)
     except (TypeError, ValueError):
         kind = getattr(hint, "__name__", str(hint))
-        raise ConfigError(f"{source}: option {name} wants a {kind}, not {value!r}") from None
+        raise ConfigError(f"{source}: option {name} = {value!r} is not of its type ({kind})"
+                          ) from None
     return value

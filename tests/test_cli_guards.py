@@ -302,6 +302,13 @@ def test_train_refuses_option_values_that_crashed_or_hung_it(bin_dir, tmp_path, 
     (dict(min_lr=float("nan")), "--min-lr"),
     (dict(lr=1e-3, min_lr=1e-2), "--min-lr 0.01 must be below --lr 0.001"),
     (dict(threads=100_000), "--threads"),
+    (dict(resume=True, overwrite=True), "give one of them"),
+    (dict(best_metric="bleu4"), "unknown --best-metric 'bleu4'"),
+    (dict(early_stop_metric="loss"), "unknown --early-stop-metric 'loss'"),
+    (dict(update_freq=0), "--update-freq"),
+    (dict(label_smoothing=1.0), "--label-smoothing"),
+    (dict(valid_beam=0), "--valid-beam"),
+    (dict(keep_last=-1), "--keep-last"),
 ])
 def test_training_option_values_that_would_run_wrong_are_refused(tmp_path, options, needle):
     def build() -> None:

@@ -68,8 +68,39 @@ def test_file_values_take_the_options_types(tmp_path):
     assert coerce(None, Optional[int], "max_steps", "f") is None
     assert coerce("runs/x", Optional[Path], "save_dir", "f") == Path("runs/x")
     assert coerce("no", bool, "plot", "f") is False
-    with pytest.raises(ConfigError, match="option max_tokens wants a int"):
+    with pytest.raises(ConfigError, match=r"option max_tokens = 'many' is not of its type \(int\)"):
         coerce("many", int, "max_tokens", "f")
+
+
+@pytest.mark.parametrize("value, hint, expected", [
+    ("on", bool, True), ("OFF", bool, False), (1, bool, True), ("0", bool, False),
+    (True, bool, True), (2.0, int, 2), ("3", int, 3), (3, float, 3.0), (5, str, "5"),
+])
+def test_file_values_convert_as_the_command_line_would(value, hint, expected):
+    from rnmt.run_config import coerce
+
+    converted = coerce(value, hint, "x", "f")
+    assert converted == expected and type(converted) is hint
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("maybe", bool), (2.5, int), (True, int), (False, float), ([1, 2], str), (True, str),
+    ({"a": 1}, float),
+])
+def test_file_values_of_another_type_are_refused(value, hint):
+    from rnmt.run_config import coerce
+
+    with pytest.raises(ConfigError, match=f"f: option x = .* is not of its type \\({hint.__name__}\\)"):
+        coerce(value, hint, "x", "f")
+
+
+def test_a_yaml_file_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    (tmp_path / "run.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(ConfigError, match="need PyYAML .*or write the file as TOML"):
+        load_run_config(tmp_path / "run.yaml")
 
 
 @pytest.mark.parametrize("name, content, message", [
