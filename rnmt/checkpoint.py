@@ -114,13 +114,18 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 
 def latest_checkpoints(directory: str | Path, n: int) -> list[Path]:
     """The `n` checkpoints (`*.pt`) of `directory` with the highest stored "step", oldest
-    first. Files holding the same step (e.g. best.pt and last.pt saved together) count once."""
+    first. Files holding the same step (e.g. best.pt and last.pt saved together) count once.
+    An average written there earlier is passed over: it holds the step of its newest input,
+    and would stand in for that checkpoint."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such directory")
     by_step: dict[int, Path] = {}
     for path in sorted(directory.glob("*.pt")):
-        step = load_checkpoint(path).get("step")
+        payload = load_checkpoint(path, mmap=True)
+        if "averaged_from" in payload:
+            continue
+        step = payload.get("step")
         if not isinstance(step, int):
             raise CheckpointError(f"{path}: checkpoint stores no training step")
         by_step.setdefault(step, path)

@@ -225,6 +225,38 @@ def test_average_never_writes_over_its_inputs_or_the_runs_last_checkpoint(bin_di
     assert (tmp_path / "last.pt").read_bytes() == last
     assert_one_line_error(run_rnmt("average", "--last", "-2", "--save-dir", str(tmp_path),
                                     "-o", str(tmp_path / "avg.pt")), "--last -2")
+    # --last asks for more than the run holds, from a directory that is not there, or
+    # without a run directory; a .pt file there that is no training checkpoint
+    avg = str(tmp_path / "avg.pt")
+    for args, needle in [
+        (["--last", "9", "--save-dir", str(tmp_path)], "9 checkpoints of distinct steps asked "
+                                                       "for, 2 found"),
+        (["--last", "2", "--save-dir", str(tmp_path / "absent")], "no such directory"),
+        (["--last", "2"], "--last needs --save-dir"),
+        ([], "give checkpoints, or --last N --save-dir DIR"),
+    ]:
+        assert_one_line_error(run_rnmt("average", *args, "-o", avg), needle)
+    stepless = tmp_path / "stepless"
+    stepless.mkdir()
+    payload = load_checkpoint(tmp_path / "checkpoint_2.pt")
+    del payload["step"]
+    save_checkpoint(payload, stepless / "a.pt")
+    assert_one_line_error(run_rnmt("average", "--last", "1", "--save-dir", str(stepless),
+                                    "-o", avg), "a.pt: checkpoint stores no training step")
+    assert not (tmp_path / "avg.pt").exists()
+    # An output that exists but is no checkpoint of ours holds nothing to resume: replaced.
+    (stepless / "notes.txt").write_text("notes\n")
+    run_rnmt("average", "--last", "2", "--save-dir", str(tmp_path), "-o",
+             str(stepless / "notes.txt"), check=True)
+    assert "model" in load_checkpoint(stepless / "notes.txt")
+    # An average written into the run is not among the run's checkpoints the next time:
+    # it holds the step of the newest, and stood in for it.
+    run_rnmt("average", "--last", "2", "--save-dir", str(tmp_path), "-o", avg, check=True)
+    again = run_rnmt("average", "--last", "1", "--save-dir", str(tmp_path), "-o",
+                     str(tmp_path / "avg2.pt"), check=True)
+    assert "averaged 1 checkpoints" in again.stdout.decode()
+    (source,) = load_checkpoint(tmp_path / "avg2.pt")["averaged_from"]
+    assert source != avg and load_checkpoint(source)["step"] == 4
 
 
 
