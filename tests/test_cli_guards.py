@@ -370,6 +370,35 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
     assert not (tmp_path / "c").exists()
 
 
+def test_preprocess_of_one_language_refuses_what_needs_two(corpus_dir, tmp_path):
+    (tmp_path / "e.en").write_text("")
+    out = ["--out", str(tmp_path / "m")]
+    mono = ["preprocess", "--mono", "-l", "en", "--train", str(corpus_dir / "train"), *out]
+    for args, needle in [
+        (["preprocess", "-s", "en", "-t", "en", "--train", str(corpus_dir / "train"), *out],
+         "source and target language are both 'en'"),
+        (["preprocess", "--mono", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train"),
+          *out], "--mono takes one language: give -l/--lang, not -s/-t"),
+        ([*mono, "--separate-vocab"], "--separate-vocab needs two languages"),
+        (["preprocess", "--mono", "-l", "en", "--train", str(tmp_path / "e"), *out],
+         "e.en: training data is empty"),
+        ([*mono, "--valid", str(tmp_path / "e")], "e.en: validation data is empty"),
+    ]:
+        assert_one_line_error(run_rnmt(*args), needle)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_language_model_corpus_can_reuse_a_sentencepiece_model(bin_dir, corpus_dir, tmp_path):
+    """`preprocess --mono --spm-model`: the monolingual corpus cut into the pieces of a
+    translation corpus's model (for a language model that shares its segmentation)."""
+    run_rnmt("preprocess", "--mono", "-l", "de", "--train", str(corpus_dir / "train"),
+             "--out", str(tmp_path / "lm"), "--spm-model", str(bin_dir / "spm.model"),
+             check=True)
+    assert (tmp_path / "lm" / "spm.model").read_bytes() == (bin_dir / "spm.model").read_bytes()
+    meta = json.loads((tmp_path / "lm" / "meta.json").read_text())
+    assert meta["splits"]["train"]["kept"] > 0
+
+
 def test_preprocess_onto_a_full_disk_is_one_error_and_leaves_no_corpus(corpus_dir, tmp_path,
                                                                         monkeypatch):
     from pathlib import Path
