@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import RNMT, ROOT, TINY_MODEL, assert_one_line_error, load_benchmark, run_rnmt
-from rnmt.checkpoint import load_checkpoint
+from rnmt.checkpoint import load_checkpoint, save_checkpoint
 
 NASTY_LINES = [
     "four hundred twenty-one",
@@ -86,6 +86,29 @@ def test_translate_refuses_damaged_checkpoints(trained_checkpoint, tmp_path, dam
         torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
     result = run_rnmt("translate", "-m", str(path), stdin="nine\n")
     assert_one_line_error(result, "model.pt")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("vocabulary", "vocabulary sizes do not match the model"),
+    ("config", "checkpoint does not match its model"),
+])
+def test_a_checkpoint_whose_parts_disagree_is_one_line_error(trained_checkpoint, tmp_path,
+                                                             edit, needle):
+    """Weights, model config and vocabularies of one file that do not fit together (a
+    hand-edited checkpoint, or one assembled from two runs): translate and score refuse it
+    in one line naming the file."""
+    payload = load_checkpoint(trained_checkpoint)
+    if edit == "vocabulary":  # the other side's vocabulary, of another size
+        payload["tgt_vocab"] = payload["src_vocab"]
+    else:
+        payload["model_config"] = dict(payload["model_config"], hidden_dim=48)
+    path = tmp_path / "model.pt"
+    save_checkpoint(payload, path)
+    assert_one_line_error(run_rnmt("translate", "-m", str(path), stdin="nine\n"),
+                          "model.pt", needle)
+    (tmp_path / "x").write_text("nine\n")
+    assert_one_line_error(run_rnmt("score", "-m", str(path), "--src", str(tmp_path / "x"),
+                                   str(tmp_path / "x"), "--device", "cpu"), "model.pt", needle)
 
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path):

@@ -385,3 +385,24 @@ def test_beam_search_over_a_large_vocabulary_ranks_as_torchs_top_k(monkeypatch):
     plain = beam_search(model, src, lengths, search)
     assert [[h.tokens for h in hyps] for hyps in blocks] == [[h.tokens for h in hyps] for hyps in plain]
     assert [[h.score for h in hyps] for hyps in blocks] == [[h.score for h in hyps] for hyps in plain]
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(beam=0), "--beam must be at least 1"),
+    (dict(nbest=0), "--nbest must be at least 1"),
+    (dict(beam=2, nbest=3), "--nbest 3 needs --beam 3 or more"),
+    (dict(min_len=-1), "--min-len"),
+    (dict(no_repeat_ngram=-2), "--no-repeat-ngram"),
+    (dict(top_k=-1), "--top-k"),
+    (dict(temperature=0.0), "--temperature must be positive"),
+    (dict(top_p=0.0), "--top-p must be in (0, 1]"),
+    (dict(top_p=1.5), "--top-p must be in (0, 1]"),
+])
+def test_search_options_that_cannot_run_are_refused(options, needle):
+    with pytest.raises(ConfigError) as caught:
+        SearchConfig(**options)
+    assert needle in str(caught.value)
+
+
+def test_sampling_may_ask_for_more_outputs_than_the_beam():
+    assert SearchConfig(beam=1, nbest=4, sample=True).nbest == 4  # n independent samples
