@@ -395,6 +395,11 @@ def test_nbest_rescoring_keeps_the_candidate_the_model_finds_most_probable(
     (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{tmp}/empty"], "no candidates"),
     (["-m", "{mt}", "--src", "{src}", "--nbest-rescore", "{tmp}/far"],
      "n-best index 7 is beyond the 5 input sentences"),
+    (["-m", "{mt}", "--src", "{src}", "{tmp}/short"],
+     "short has 1 lines"),
+    (["-m", "{mt}", "--src", "{src}", "--ref", "{ref}", "--batch-size", "0"],
+     "--batch-size must be at least 1"),
+    (["-m", "{lm}", "{tmp}/empty"], "empty: no lines to score (empty input)"),
     # sacrebleu loops over the orders: this one ran for hours
     (["--ref", "{ref}", "{a}", "--chrf-word-order", "1000000000"],
      "--chrf-word-order must be between 0 and 6"),
@@ -405,6 +410,7 @@ def test_option_conflicts_are_one_line_errors(files, tmp_path, trained_checkpoin
     (tmp_path / "bad").write_text("x\tnot\ta score\n")
     (tmp_path / "empty").write_text("")
     (tmp_path / "far").write_text("7\t-1.0\tthe cat\n")
+    (tmp_path / "short").write_text("the cat\n")
     names = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path),
              "nbest": str(tmp_path / "nbest"), "mt": str(trained_checkpoint),
              "lm": str(lm_checkpoint)}
