@@ -570,7 +570,7 @@ class Trainer:
             self.state.oom_batches += 1
             self._oom_in_a_row += 1
             if self._oom_in_a_row >= c.max_bad_updates:
-                self.save()
+                self._save_stopping()
                 raise ConfigError(
                     f"out of memory on {self._oom_in_a_row} batches in a row (the last of "
                     f"{total_tokens} target pieces); stopped at step {self.state.step} with "
@@ -838,8 +838,7 @@ class Trainer:
                     if reason is not None:
                         break
                 if self._stop_requested():
-                    self.state.elapsed += time.time() - started
-                    self.save()
+                    self._save_stopping()
                     raise TrainingInterrupted(self.last_path, self.state.step)
                 if self.sampler.position == 0:  # the epoch ran to its end
                     self.state.epoch = self.sampler.epoch
@@ -851,12 +850,11 @@ class Trainer:
                     reason = reason or self._limits_reached()
             if not self._validated_now():
                 self.validate()
-            self.state.elapsed += time.time() - started
-            self.save()
+            self._save_stopping()
         except Exception as err:
             # Ours (RnmtError, TrainingInterrupted) come after a save or from one.
             if not isinstance(err, (RnmtError, TrainingInterrupted)):
-                self._save_after_error(started)
+                self._save_after_error()
             raise
         finally:
             for s, handler in previous.items():
@@ -877,7 +875,14 @@ class Trainer:
         self.reporter.finish(summary)
         return summary
 
-    def _save_after_error(self, started: float) -> None:
+    def _save_stopping(self) -> None:
+        """`last.pt` as the run stops, this process's training time counted in (a resumed
+        `--max-time` run goes on from it)."""
+        assert self._started is not None
+        self.state.elapsed += time.time() - self._started
+        self.save()
+
+    def _save_after_error(self) -> None:
         """An unexpected error ends the run (a failed allocation in validation, a bug):
         keep the updates since the last save in `last.pt`, then let the error go on. Not
         from inside an optimizer step (its state is torn), and not in a data-parallel run
@@ -885,9 +890,8 @@ class Trainer:
         The batch being trained when the error came is skipped by `--resume`."""
         if self.dist.enabled or self._updating:
             return
-        self.state.elapsed += time.time() - started
         try:
-            self.save()
+            self._save_stopping()
         except Exception as err:  # the disk, say; the error on its way out comes first
             self.reporter.warning(f"an error stopped training at step {self.state.step}, "
                                   f"and saving failed too: {err}")
@@ -897,7 +901,7 @@ class Trainer:
 
     def _diverged(self) -> None:
         """Stop: the parameters are still the last good ones (bad updates were skipped)."""
-        self.save()
+        self._save_stopping()
         raise TrainingDiverged(
             f"{self.state.bad_updates} updates in a row had a non-finite loss or gradient "
             f"(--max-bad-updates {self.config.max_bad_updates}); stopped at step "

@@ -558,7 +558,9 @@ def test_out_of_memory_on_batch_after_batch_stops_with_the_work_saved(bin_dir, t
     with pytest.raises(ConfigError, match="out of memory on 3 batches in a row.*--max-tokens"):
         Trainer(bin_dir, TINY_MODEL, config, reporter).train()
     assert len(reporter.warnings) == 2  # the first two skips; the third is the error
-    assert load_checkpoint(tmp_path / "last.pt")["training"]["state"]["step"] == 2
+    saved = load_checkpoint(tmp_path / "last.pt")["training"]["state"]
+    assert saved["step"] == 2
+    assert saved["elapsed"] > 0  # the run's time so far, for --max-time on --resume
 
 
 def test_an_error_between_updates_saves_the_work_before_it_ends_the_run(bin_dir, tmp_path,

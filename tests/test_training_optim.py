@@ -136,6 +136,7 @@ def test_nan_updates_are_skipped_then_stop_the_run_with_the_good_state_saved(bin
         trainer.train()
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["training"]["state"]["skipped_updates"] == 3
+    assert saved["training"]["state"]["elapsed"] > 0  # counted in, for --max-time
     for name, value in saved["model"].items():
         assert torch.isfinite(value).all(), name
 
