@@ -15,13 +15,14 @@ rnmt ids through one lookup table, so any sentencepiece model works whatever its
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import sentencepiece as spm
 
-from rnmt.errors import VocabularyMismatch
+from rnmt.errors import DataError, VocabularyMismatch
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -38,25 +39,41 @@ def train_sentencepiece(
     """Train a sentencepiece model in memory and return its serialised proto.
 
     The special ids are set to rnmt's (pad 0, unk 1, bos 2, eos 3). `vocab_size` is a soft
-    limit, so a tiny corpus yields a smaller model instead of an error.
+    limit, so a tiny corpus yields a smaller model instead of an error. It must leave room
+    for the specials and every character of the text (character_coverage 1.0), or this is
+    a DataError saying how many that takes.
     """
+    if vocab_size <= len(SPECIALS):
+        raise DataError(f"--vocab-size {vocab_size}: sentencepiece needs more than the "
+                        f"{len(SPECIALS)} special pieces")
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=(line for line in lines if line.strip()),
-        model_writer=buffer,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        pad_id=PAD,
-        unk_id=UNK,
-        bos_id=BOS,
-        eos_id=EOS,
-        hard_vocab_limit=False,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=threads,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line for line in lines if line.strip()),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            pad_id=PAD,
+            unk_id=UNK,
+            bos_id=BOS,
+            eos_id=EOS,
+            hard_vocab_limit=False,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        # "... Vocabulary size is smaller than required_chars. 8 vs 36. ..."
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", str(err))
+        if needed:
+            raise DataError(f"--vocab-size {vocab_size} is too small for this text: its "
+                            f"characters and the special pieces take {needed.group(1)}; "
+                            f"choose at least that") from None
+        detail = str(err).split("] ", 1)[-1].strip().splitlines()[0]
+        raise DataError(f"sentencepiece cannot learn {vocab_size} pieces from this text "
+                        f"({detail})") from None
     return buffer.getvalue()
 
 

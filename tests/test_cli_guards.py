@@ -367,6 +367,12 @@ def test_preprocess_refuses_an_empty_valid_split_and_bad_options(corpus_dir, tmp
     for option, value in (("--errors", "ignore"), ("--threads", "2000")):  # were tracebacks
         assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), option, value),
                                option)
+    # Fewer pieces than the text has characters (sentencepiece's RuntimeError traceback),
+    # or than the special pieces.
+    assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), "--vocab-size", "8"),
+                          "--vocab-size 8 is too small for this text", "choose at least")
+    assert_one_line_error(run_rnmt(*base, "--out", str(tmp_path / "c"), "--vocab-size", "3"),
+                          "--vocab-size 3: sentencepiece needs more than the 4 special pieces")
     assert not (tmp_path / "c").exists()
 
 
