@@ -112,8 +112,9 @@ def _metric_report(files: list[Path], ref: list[Path], metrics: str, tokenize: s
         raise ConfigError("--plot draws the --by-length report; add --by-length")
     if by_length and src is None:
         raise ConfigError("--by-length needs the source file (--src)")
-    options = MetricOptions(tuple(m.strip() for m in metrics.split(",") if m.strip()),
-                            tokenize, lowercase, chrf_word_order)
+    # As written, in any case, each once: "BLEU,chrf,bleu" is bleu and chrf.
+    names = tuple(dict.fromkeys(m.strip().lower() for m in metrics.split(",") if m.strip()))
+    options = MetricOptions(names, tokenize, lowercase, chrf_word_order)
     boundaries = _parse_buckets(buckets) if by_length else []
 
     refs = [read_lines(path, errors).lines for path in ref]

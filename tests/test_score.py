@@ -95,6 +95,12 @@ def test_bleu_chrfpp_ter_with_two_references_equal_the_sacrebleu_command(files):
     assert "nrefs:2" in ours["bleu"]["signature"] and "nw:2" in ours["chrf"]["signature"]
 
 
+def test_metric_names_are_read_in_any_case_and_each_reported_once(files):
+    out = rnmt("score", "--ref", str(files["ref"]), str(files["a"]), "--metrics",
+               "BLEU, chrF,bleu", check=True).stdout.decode().splitlines()
+    assert [line.split()[0] for line in out] == ["BLEU", "chrF2"]
+
+
 def test_tokenize_and_lowercase_reach_sacrebleu(files):
     ours = json.loads(rnmt(
         "score", "--ref", str(files["ref"]), str(files["b"]), "--tokenize", "char",
