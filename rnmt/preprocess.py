@@ -296,6 +296,11 @@ def load_data(directory: Path, split: str) -> tuple[dict, ParallelData]:
     A monolingual split is its one side twice (the same arrays): source and target.
     """
     meta = load_meta(directory)
+    splits = meta.get("splits")
+    if isinstance(splits, dict) and split not in splits:
+        # e.g. training validates after every epoch, and preprocess was given no --valid
+        raise DataError(f"{directory}: no {split} split; run rnmt preprocess with "
+                        f"--{split} PREFIX")
     if meta.get("mono"):
         text = TokenArray.load(directory / f"{split}.{meta['lang']}")
         return meta, ParallelData(text, text)

@@ -394,6 +394,16 @@ def test_preprocess_of_one_language_refuses_what_needs_two(corpus_dir, tmp_path)
     assert not (tmp_path / "m").exists()
 
 
+def test_training_on_a_corpus_without_a_validation_split_says_how_to_make_one(corpus_dir,
+                                                                             tmp_path):
+    run_rnmt("preprocess", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train"),
+             "--out", str(tmp_path / "bin"), "--vocab-size", "100", check=True)
+    result = _train(tmp_path / "bin", tmp_path / "run", "--max-steps", "2")
+    # It was "missing binarised data: …/valid.en.ids.npy".
+    assert_one_line_error(result, "no valid split; run rnmt preprocess with --valid PREFIX")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_language_model_corpus_can_reuse_a_sentencepiece_model(bin_dir, corpus_dir, tmp_path):
     """`preprocess --mono --spm-model`: the monolingual corpus cut into the pieces of a
     translation corpus's model (for a language model that shares its segmentation)."""
