@@ -25,7 +25,7 @@ from rnmt.data import ParallelData, TokenArray, TokenArrayWriter
 from rnmt.device import MAX_THREADS
 from rnmt.errors import DataError
 from rnmt.text import TextLines, check_error_policy, corpus_path
-from rnmt.vocab import Vocabulary, train_sentencepiece
+from rnmt.vocab import Vocabulary, check_vocab_size, train_sentencepiece
 
 META = "meta.json"
 CHUNK_LINES = 50_000  # lines encoded and written at a time: memory for a chunk, not a corpus
@@ -89,8 +89,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
 def _preprocess(c: PreprocessConfig) -> PreprocessReport:
     # Checked before the (long) passes over the text; each was a traceback (sentencepiece's
     # RuntimeError, FileExistsError from mkdir) after them.
-    if c.vocab_size < 1 or c.max_len < 1 or c.threads < 1:
-        raise DataError("--vocab-size, --max-len and --threads must be at least 1")
+    check_vocab_size(c.vocab_size)
+    if c.max_len < 1 or c.threads < 1:
+        raise DataError("--max-len and --threads must be at least 1")
     if c.threads > MAX_THREADS:
         raise DataError(f"--threads must be at most {MAX_THREADS}")
     check_error_policy(c.errors)

@@ -74,18 +74,19 @@ def clear_run(save_dir: Path) -> None:
 def run_lock(save_dir: Path) -> Iterator[None]:
     """Hold `save_dir/.lock` (an advisory flock, released when the process ends, however it
     ends) while a run trains there. A second `rnmt train` into the same directory would
-    write over the first one's checkpoints (or, with --overwrite, delete them): refused."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: runs are not guarded against each other
-        yield
-        return
+    write over the first one's checkpoints (or, with --overwrite, delete them): refused.
+    The directory is created here, on every platform."""
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         lock = open(save_dir / ".lock", "a+", encoding="utf-8")
     except OSError as err:  # read-only, no permission, a file in the way, full disk
         raise ConfigError(f"--save-dir {save_dir}: cannot write ({err.strerror or err})") from None
     with lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: runs are not guarded against each other
+            yield
+            return
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -769,7 +769,6 @@ class Trainer:
             try:
                 if c.overwrite:
                     clear_run(c.save_dir)
-                c.save_dir.mkdir(parents=True, exist_ok=True)
                 (c.save_dir / "config.json").write_text(
                     json.dumps(self.resolved_config(), indent=2) + "\n", encoding="utf-8")
                 self.metrics = MetricsLog(c.save_dir, append=c.resume,

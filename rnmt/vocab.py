@@ -28,6 +28,13 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """A DataError for a size that leaves sentencepiece no piece beyond the specials."""
+    if vocab_size <= len(SPECIALS):
+        raise DataError(f"--vocab-size {vocab_size}: sentencepiece needs more than the "
+                        f"{len(SPECIALS)} special pieces")
+
+
 def train_sentencepiece(
     lines: Iterable[str],
     vocab_size: int,
@@ -43,9 +50,7 @@ def train_sentencepiece(
     for the specials and every character of the text (character_coverage 1.0), or this is
     a DataError saying how many that takes.
     """
-    if vocab_size <= len(SPECIALS):
-        raise DataError(f"--vocab-size {vocab_size}: sentencepiece needs more than the "
-                        f"{len(SPECIALS)} special pieces")
+    check_vocab_size(vocab_size)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
