@@ -14,6 +14,7 @@ import pytest
 
 from conftest import RNMT, ROOT, TINY_MODEL, assert_one_line_error, load_benchmark, run_rnmt
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
+from rnmt.training import SilentReporter
 
 NASTY_LINES = [
     "four hundred twenty-one",
@@ -487,16 +488,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_clearly(
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no torn leftovers
 
 
-class _Recorder:
+class _Recorder(SilentReporter):
     """A reporter that keeps the warnings."""
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
-
-    def start(self, info) -> None: ...
-    def progress(self, stats) -> None: ...
-    def validation(self, stats) -> None: ...
-    def finish(self, summary) -> None: ...
 
     def warning(self, message: str) -> None:
         self.warnings.append(message)
