@@ -57,6 +57,12 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` (its parameter name) was given, not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def out_of_memory_message(err: BaseException) -> str:
     """One line for a failed allocation: how much was asked for, when the message says."""
     asked = re.search(r"allocate (\d+) bytes", str(err))

@@ -108,10 +108,9 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
     import typing
 
     from rnmt.run_config import coerce, load_run_config, merge_options
+    from rnmt_cli.main import given_on_command_line
 
-    explicit = {name for name in given
-                if getattr(ctx.get_parameter_source(name), "name", "DEFAULT")
-                not in ("DEFAULT", "DEFAULT_MAP")}
+    explicit = {name for name in given if given_on_command_line(ctx, name)}
     hints = typing.get_type_hints(train)
     merged = dict(given)
     if config_file is not None:

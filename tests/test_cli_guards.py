@@ -407,12 +407,27 @@ def test_training_on_a_corpus_without_a_validation_split_says_how_to_make_one(co
 def test_a_language_model_corpus_can_reuse_a_sentencepiece_model(bin_dir, corpus_dir, tmp_path):
     """`preprocess --mono --spm-model`: the monolingual corpus cut into the pieces of a
     translation corpus's model (for a language model that shares its segmentation)."""
-    run_rnmt("preprocess", "--mono", "-l", "de", "--train", str(corpus_dir / "train"),
-             "--out", str(tmp_path / "lm"), "--spm-model", str(bin_dir / "spm.model"),
-             check=True)
+    quiet = run_rnmt("preprocess", "--mono", "-l", "de", "--train", str(corpus_dir / "train"),
+                     "--out", str(tmp_path / "lm"), "--spm-model", str(bin_dir / "spm.model"),
+                     check=True)
     assert (tmp_path / "lm" / "spm.model").read_bytes() == (bin_dir / "spm.model").read_bytes()
     meta = json.loads((tmp_path / "lm" / "meta.json").read_text())
     assert meta["splits"]["train"]["kept"] > 0
+    assert b"warning" not in quiet.stderr
+
+
+def test_options_for_a_new_sentencepiece_model_are_named_when_one_is_given(bin_dir, corpus_dir,
+                                                                           tmp_path):
+    """With --spm-model the model is used as it is: options that would shape a new one
+    are not used, and a warning names those given (they were ignored in silence)."""
+    result = run_rnmt("preprocess", "-s", "en", "-t", "de", "--train", str(corpus_dir / "train"),
+                      "--out", str(tmp_path / "bin"), "--spm-model", str(bin_dir / "spm.model"),
+                      "--vocab-size", "50", "--separate-vocab", check=True)
+    warnings = [line for line in result.stderr.decode().splitlines() if "warning" in line]
+    assert warnings == ["rnmt: warning: --vocab-size, --separate-vocab not used: --spm-model "
+                        "is used as it is, for both languages"]
+    assert (tmp_path / "bin" / "spm.model").read_bytes() == (bin_dir / "spm.model").read_bytes()
+    assert not (tmp_path / "bin" / "spm.en.model").exists()
 
 
 def test_preprocess_onto_a_full_disk_is_one_error_and_leaves_no_corpus(corpus_dir, tmp_path,
