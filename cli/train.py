@@ -37,6 +37,12 @@ class RichReporter:
             + (" per process" if info.get("ranks", 1) > 1 else "")
             + (f"; resumed at step {info['resumed_at']}" if info["resumed_at"] else "")
         )
+        start = info.get("warm_start")
+        if start is not None:
+            kept = ", ".join(f"{'source' if side == 'src' else 'target'} {n:,} of {total:,}"
+                             for side, (n, total) in sorted(start.pieces.items()))
+            self.console.print(f"weights from {start.path} (step {start.step:,}); pieces "
+                               f"found in its vocabularies: {kept}", markup=False)
 
     def progress(self, s: dict[str, Any]) -> None:
         self.console.print(
@@ -111,6 +117,7 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
     from rnmt_cli.main import given_on_command_line
 
     explicit = {name for name in given if given_on_command_line(ctx, name)}
+    init_from_given = "init_from" in explicit
     hints = typing.get_type_hints(train)
     merged = dict(given)
     if config_file is not None:
@@ -120,6 +127,8 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
             merged[name] = coerce(merged[name], hints[name], name, str(config_file))
         explicit |= set(from_file)
     _refuse_attention_without_attention(ctx, merged, explicit)
+    if merged["init_from"] is not None:
+        _take_the_checkpoints_model(merged, explicit, init_from_given)
     if merged["resume"] and merged["save_dir"] is not None:
         # `--resume` continues the run as it was: its saved options (batch size, rate,
         # threads, limits ...) are the defaults, and only what is given again overrides
@@ -137,6 +146,26 @@ def _resolve(ctx: typer.Context, given: dict[str, Any], config_file: Path | None
                 continue  # threads=None is the run's "torch's default": keep the option's 0
             merged[name] = coerce(value, hints[name], name, str(path))
     return merged
+
+
+def _take_the_checkpoints_model(merged: dict[str, Any], explicit: set[str],
+                                on_command_line: bool) -> None:
+    """`--init-from CKPT` trains CKPT's model: its options replace the defaults (one given
+    that differs is refused by the Trainer, `rnmt.warm_start.check_same_model`).
+    `--resume --init-from` is refused: a resumed run was warm-started already (its
+    config.json, read back with --config, names the checkpoint it started from)."""
+    from rnmt.errors import ConfigError
+    from rnmt.warm_start import model_options
+
+    if merged["resume"]:
+        if on_command_line:
+            raise ConfigError("--init-from starts a new run from a checkpoint's weights and "
+                              "--resume continues a run: give one of them")
+        return  # the run's saved options name the checkpoint it started from
+    _, saved = model_options(Path(merged["init_from"]))
+    for name in MODEL_OPTIONS:
+        if name not in explicit:
+            merged[name] = saved[name]
 
 
 def _refuse_a_new_model(merged: dict[str, Any], explicit: set[str], saved: dict[str, Any],
@@ -215,6 +244,7 @@ def train(
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = torch's default.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue exactly from SAVE_DIR/last.pt (model, optimizer, schedule, RNG, batch position) with the run's saved options; options given again override them (e.g. a higher --max-steps).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start a new run in a SAVE_DIR that holds another run's checkpoints, deleting them (without it, such a SAVE_DIR is refused).")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this checkpoint's weights and model options (fine-tuning), with a new optimizer, schedule and step count; pieces are matched by their text when DATA's vocabularies differ. Only --dropout of the model may change.", show_default=False)] = None,
 ) -> None:
     """Train an encoder-decoder or a language model on a preprocessed corpus."""
     values = dict(locals())

@@ -20,6 +20,9 @@ batch the machine has no memory for, and as many of those in a row stop the run 
 other error between two updates (a failed allocation during validation, a bug) saves
 `last.pt` before it ends the run: the work since the last save is not lost.
 
+`init_from` starts a new run from a trained model's weights, with a fresh optimizer,
+schedule and step count (fine-tuning, `rnmt.warm_start`).
+
 Every log interval and validation becomes a JSON line in `save_dir/metrics.jsonl` (and a
 TensorBoard event when tensorboard is installed); `save_dir/config.json` holds the resolved
 configuration, which `rnmt train --config` reads back.
@@ -78,6 +81,7 @@ from rnmt.run_dir import (STEP_CHECKPOINT, MetricsLog, check_save_dir, clear_run
                           plot_curves, run_lock)
 from rnmt.search import SearchConfig, search
 from rnmt.vocab import EOS, Vocabulary
+from rnmt.warm_start import CHANGEABLE, WarmStart, check_same_model, model_options, warm_start
 
 METRICS = ("ppl", "bleu")
 # fp16 loss scaling: below this scale, an overflowing gradient is no longer the scaler's
@@ -126,9 +130,13 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False  # a new run may replace the checkpoints of one in save_dir
+    init_from: Path | None = None  # a new run starts from this checkpoint's weights
+
 
     def __post_init__(self) -> None:
         self.save_dir = Path(self.save_dir)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --save-dir and --overwrite "
                               "deletes it: give one of them")
@@ -348,6 +356,13 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         resumed = self._load_resume() if config.resume else None
+        # A resumed run was warm-started already: its own last.pt holds its weights.
+        start = None
+        if resumed is None and config.init_from is not None:
+            start, saved_options = model_options(config.init_from)
+            check_same_model(config.init_from, saved_options, model_config)
+            model_config = {**saved_options, **{name: model_config[name] for name in CHANGEABLE
+                                                if name in model_config}}
         options = resumed["model_config"] if resumed is not None else model_config
         self._check_data_fits(data_dir, options)
         if options.get("arch") == "lm":
@@ -366,6 +381,12 @@ class Trainer:
             )
             self.model_options = dict(model_config)
         self.model = compact_rnn_weights(build_model(self.model_config).to(self.device))
+        self.warm_start: WarmStart | None = None
+        if start is not None:
+            vocabs = {"tgt": self.tgt_vocab}
+            if self.model_config.arch != "lm":
+                vocabs["src"] = self.src_vocab
+            self.warm_start = warm_start(self.model, config.init_from, start, vocabs)
         if self.dist.rank > 0:
             # Same initialisation on every rank (DDP also broadcasts rank 0's), but each
             # rank its own dropout stream, as each batch of one process gets fresh masks.
@@ -784,6 +805,7 @@ class Trainer:
             "batches_per_epoch": per_epoch, "ranks": self.dist.world_size,
             "precision": c.precision,
             "model_config": self.model_config.to_dict(), "resumed_at": self.state.step,
+            "warm_start": self.warm_start,
         })
         for warning in (self.precision_warning, self.resume_warning):
             if warning:
