@@ -132,7 +132,6 @@ class TrainConfig:
     overwrite: bool = False  # a new run may replace the checkpoints of one in save_dir
     init_from: Path | None = None  # a new run starts from this checkpoint's weights
 
-
     def __post_init__(self) -> None:
         self.save_dir = Path(self.save_dir)
         if self.init_from is not None:
