@@ -173,14 +173,13 @@ def _refuse_a_new_model(merged: dict[str, Any], explicit: set[str], saved: dict[
     """A resumed run keeps its model (its weights have its shapes): a model option given
     with --resume that differs from the run's is a ConfigError, not silently ignored."""
     from rnmt.errors import ConfigError
+    from rnmt.models.config import changed_options
 
     saved = dict(saved)
     if saved.get("layers") is None and saved.get("enc_layers") == saved.get("dec_layers"):
         saved["layers"] = saved.get("enc_layers")  # `--layers N` sets both
-    changed = [f"--{name.replace('_', '-')} {merged[name]} (the run's: {saved[name]})"
-               for name in (*MODEL_OPTIONS, "layers")
-               if name in explicit and name in saved and merged[name] is not None
-               and merged[name] != saved[name]]
+    changed = changed_options(merged, saved, [name for name in (*MODEL_OPTIONS, "layers")
+                                              if name in explicit], "the run's")
     if changed:
         raise ConfigError(f"--resume continues the model of {path}; it cannot change "
                           f"{', '.join(changed)}: drop them, or start a new run")

@@ -22,7 +22,7 @@ from torch import nn
 
 from rnmt.checkpoint import load_checkpoint
 from rnmt.errors import CheckpointError, ConfigError
-from rnmt.models.config import ModelConfig
+from rnmt.models.config import ModelConfig, changed_options
 from rnmt.vocab import Vocabulary
 
 # Model options a warm start may change: they shape no parameter.
@@ -66,9 +66,8 @@ def model_options(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_same_model(path: str | Path, saved: dict[str, Any], options: dict[str, Any]) -> None:
     """The model options of a warm-started run must be the checkpoint's (`saved`), but
     for those in `CHANGEABLE`: its weights have the checkpoint's shapes."""
-    changed = [f"--{name.replace('_', '-')} {options[name]} (the checkpoint's: {saved[name]})"
-               for name in saved
-               if name not in CHANGEABLE and name in options and options[name] != saved[name]]
+    changed = changed_options(options, saved, [name for name in saved if name not in CHANGEABLE],
+                              "the checkpoint's")
     if changed:
         raise ConfigError(f"--init-from {path} starts from that model; it cannot change "
                           f"{', '.join(changed)}: drop them (only --dropout may change)")
@@ -96,7 +95,7 @@ def warm_start(model: nn.Module, path: str | Path, payload: dict[str, Any],
     for name, tensor in state.items():
         side = vocabulary_side(name)
         source = saved[name]
-        if side is not None and source.dim() >= 1:
+        if side is not None:
             new_ids, old_ids = rows[side]
             if source.shape[1:] != tensor.shape[1:] or int(old_ids.max()) >= source.size(0):
                 raise CheckpointError(f"{path}: {name} has the shape {tuple(source.shape)}, "

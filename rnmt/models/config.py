@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from rnmt.errors import ConfigError
 from rnmt.nn.attention import SCORES
@@ -96,3 +98,13 @@ class ModelConfig:
     def from_dict(cls, values: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def changed_options(given: dict[str, Any], saved: dict[str, Any], names: Iterable[str],
+                    whose: str) -> list[str]:
+    """`--name value (whose: saved value)` for each of `names` set in `given` to another value
+    than in `saved`: the model options a run asks to change on weights that fix them."""
+    return [f"--{name.replace('_', '-')} {given[name]} ({whose}: {saved[name]})"
+            for name in names
+            if name in given and name in saved and given[name] is not None
+            and given[name] != saved[name]]
