@@ -60,7 +60,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -290,19 +290,29 @@ def token_loss(model: Model, batch: Batch) -> tuple[torch.Tensor, int]:
     return loss, batch.num_tgt_tokens
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: Model) -> Iterator[None]:
+    """Dropout off while inside; the model's own mode back afterwards, even on an error
+    (a caller that catches it must not go on training without dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_loss(model: Model, data: ParallelData, max_tokens: int,
                   device: torch.device) -> float:
     """Mean per-piece negative log-likelihood of a split (perplexity = exp of it)."""
-    was_training = model.training
-    model.eval()
     sampler = TokenBatchSampler(data.src.lengths, data.tgt.lengths, max_tokens, shuffle=False)
     total, tokens = 0.0, 0
-    for indices in sampler.batches(0):
-        loss, n = token_loss(model, collate(data, indices).to(device))
-        total += float(loss)
-        tokens += n
-    model.train(was_training)
+    with evaluation_mode(model):
+        for indices in sampler.batches(0):
+            loss, n = token_loss(model, collate(data, indices).to(device))
+            total += float(loss)
+            tokens += n
     return total / max(tokens, 1)
 
 
@@ -312,16 +322,14 @@ def translate_split(model: Model, data: ParallelData, tgt_vocab: Vocabulary,
                     ) -> list[str]:
     """Detokenised best translation of every source sentence of a binarised split, in
     split order (sentences of similar length share a batch)."""
-    was_training = model.training
-    model.eval()
     order = np.argsort(data.src.lengths, kind="stable")
     out = [""] * len(data)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        src, lengths = pad_sentences([data.src[int(i)] for i in chunk], suffix=EOS)
-        for i, hyp in zip(chunk, search(model, src.to(device), lengths, config)):
-            out[int(i)] = tgt_vocab.decode(hyp.tokens)
-    model.train(was_training)
+    with evaluation_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src, lengths = pad_sentences([data.src[int(i)] for i in chunk], suffix=EOS)
+            for i, hyp in zip(chunk, search(model, src.to(device), lengths, config)):
+                out[int(i)] = tgt_vocab.decode(hyp.tokens)
     return out
 
 

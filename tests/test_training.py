@@ -10,6 +10,7 @@ from sacrebleu.metrics import CHRF
 
 from conftest import TINY_MODEL
 from rnmt.data import collate
+from rnmt import training
 from rnmt.preprocess import load_data
 from rnmt.training import TrainConfig, Trainer, clip_gradients, evaluate_loss, gradient_norm
 from rnmt.translator import Translator, load_model
@@ -41,6 +42,26 @@ def test_checkpoint_is_self_contained(trained_checkpoint, bin_dir):
     batch = collate(valid, list(range(8)))
     logits = loaded.model(batch.src, batch.src_lengths, batch.tgt_in)
     assert logits.shape[-1] == len(loaded.tgt_vocab)
+
+
+def test_evaluation_gives_the_model_back_in_its_own_mode_even_after_an_error(
+        trained_checkpoint, bin_dir, monkeypatch):
+    model = load_model(trained_checkpoint, torch.device("cpu")).model
+    _, valid = load_data(bin_dir, "valid")
+    for mode in (True, False):
+        model.train(mode)
+        evaluate_loss(model, valid, 800, torch.device("cpu"))
+        assert model.training is mode
+
+    def fails(model, batch):
+        assert not model.training  # dropout off while evaluating
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(training, "token_loss", fails)
+    model.train()
+    with pytest.raises(RuntimeError):
+        evaluate_loss(model, valid, 800, torch.device("cpu"))
+    assert model.training
 
 
 def test_resume_continues_from_last_checkpoint(bin_dir, tmp_path):
