@@ -63,6 +63,15 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
+def warn_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
+    """One warning line naming each of the options `names` (parameter names) that was given
+    on the command line although the chosen mode ignores it: nothing is dropped in silence."""
+    unused = [f"--{name.replace('_', '-')}" for name in names
+              if given_on_command_line(ctx, name)]
+    if unused:
+        print(f"rnmt: warning: {', '.join(unused)} not used: {why}", file=sys.stderr)
+
+
 def out_of_memory_message(err: BaseException) -> str:
     """One line for a failed allocation: how much was asked for, when the message says."""
     asked = re.search(r"allocate (\d+) bytes", str(err))

@@ -34,6 +34,7 @@ def preprocess(
     from rnmt.errors import ConfigError
     from rnmt.preprocess import PreprocessConfig
     from rnmt.preprocess import preprocess as run
+    from rnmt_cli.main import warn_unused
 
     if mono:
         if lang is None or source_lang is not None or target_lang is not None:
@@ -44,7 +45,8 @@ def preprocess(
     elif source_lang is None or target_lang is None:
         raise ConfigError("give the languages: -s SRC -t TGT (or --mono -l LANG)")
     if spm_model is not None:
-        _warn_unused_with_spm_model(ctx)
+        warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"),
+                    "--spm-model is used as it is, for both languages")
     report = run(PreprocessConfig(
         src_lang=source_lang, tgt_lang=target_lang, out=out, train=train, valid=valid,
         test=test, vocab_size=vocab_size, model_type=model_type, separate_vocab=separate_vocab,
@@ -61,18 +63,3 @@ def preprocess(
     console.print(table)
     sizes = ", ".join(f"{lang} {n}" for lang, n in report.vocab_sizes.items())
     console.print(f"vocabulary sizes (with 4 specials): {sizes}")
-
-
-def _warn_unused_with_spm_model(ctx: typer.Context) -> None:
-    """A given sentencepiece model is used as it is, for both languages: the options that
-    shape a new one would be ignored in silence, so each one given is named."""
-    import sys
-
-    from rnmt_cli.main import given_on_command_line
-
-    unused = [f"--{name.replace('_', '-')}"
-              for name in ("vocab_size", "model_type", "separate_vocab")
-              if given_on_command_line(ctx, name)]
-    if unused:
-        print(f"rnmt: warning: {', '.join(unused)} not used: --spm-model is used as it is, "
-              "for both languages", file=sys.stderr)

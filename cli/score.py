@@ -19,7 +19,16 @@ import typer
 from rnmt.errors import ConfigError
 
 
+# The options of each of score's modes, by parameter name: given in another mode, each is
+# named in a warning (`rnmt_cli.main.warn_unused`).
+METRIC_OPTIONS = ("metrics", "tokenize", "lowercase", "chrf_word_order", "bootstrap_samples",
+                  "buckets")
+MODEL_OPTIONS = ("batch_size", "device")
+RESCORE_OPTIONS = ("nbest_weight", "combine")
+
+
 def score(
+    ctx: typer.Context,
     hypotheses: Annotated[Optional[list[Path]], typer.Argument(
         help="System output(s), one line per reference line; the first is the baseline. "
              "stdin when omitted. With -m: the target text to score.",
@@ -74,6 +83,7 @@ def score(
 ) -> None:
     """Score translations against references, compare systems, or score text with a model."""
     from rnmt.text import check_error_policy
+    from rnmt_cli.main import warn_unused
 
     check_error_policy(errors)
     files = list(hypotheses or [])
@@ -82,13 +92,25 @@ def score(
             raise ConfigError("--by-length, --significance and --plot compare systems; "
                               "they do not combine with -m")
         if nbest_rescore is not None:
+            if files:
+                print(f"rnmt: warning: {', '.join(map(str, files))} not used: "
+                      "--nbest-rescore re-ranks the n-best file", file=sys.stderr)
+            warn_unused(ctx, ("ref", *METRIC_OPTIONS),
+                        "--nbest-rescore re-ranks the n-best file by model scores")
             _rescore(model, nbest_rescore, src, nbest_weight, combine, batch_size, device,
                      errors, json_output)
         else:
+            warn_unused(ctx, METRIC_OPTIONS + RESCORE_OPTIONS,
+                        "-m gives model scores (forced decoding), not metrics")
             _model_scores(model, files, ref, src, batch_size, device, errors, json_output)
         return
     if nbest_rescore is not None:
         raise ConfigError("--nbest-rescore needs the model(s) to re-rank with (-m)")
+    warn_unused(ctx, MODEL_OPTIONS + RESCORE_OPTIONS, "for model scores (-m) only")
+    if not significance:
+        warn_unused(ctx, ("bootstrap_samples",), "for --significance only")
+    if not by_length:
+        warn_unused(ctx, ("src", "buckets"), "for --by-length only")
     _metric_report(files, ref, metrics, tokenize, lowercase, chrf_word_order, significance,
                    bootstrap_samples, src, by_length, buckets, plot, errors, json_output)
 

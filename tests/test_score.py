@@ -420,8 +420,44 @@ def test_option_conflicts_are_one_line_errors(files, tmp_path, trained_checkpoin
     names = {**{k: str(v) for k, v in files.items()}, "tmp": str(tmp_path),
              "nbest": str(tmp_path / "nbest"), "mt": str(trained_checkpoint),
              "lm": str(lm_checkpoint)}
-    err = one_line_error(rnmt("score", *(a.format(**names) for a in args), "--device", "cpu"))
+    device = ["--device", "cpu"] if "-m" in args else []  # metrics alone would warn of it
+    err = one_line_error(rnmt("score", *(a.format(**names) for a in args), *device))
     assert message in err
+
+
+def test_options_another_mode_reads_are_named_in_a_warning(files, trained_checkpoint, tmp_path):
+    """Each mode of `score` (metrics; model scores with -m; --nbest-rescore) names the
+    options given for another, which it does not use, in one warning line; none when
+    every option given is used."""
+    def warnings(*args: str) -> list[str]:
+        result = rnmt("score", *args, check=True)
+        return [line for line in result.stderr.decode().splitlines() if "warning" in line]
+
+    ref, a, src = str(files["ref"]), str(files["a"]), str(files["src"])
+    assert warnings("--ref", ref, a, "--tokenize", "intl", "--lowercase") == []
+    assert warnings("--ref", ref, a, "--device", "cpu", "--combine", "mean", "--buckets", "5",
+                    "--src", src) == [
+        "rnmt: warning: --device, --combine not used: for model scores (-m) only",
+        "rnmt: warning: --src, --buckets not used: for --by-length only"]
+    assert warnings("--ref", ref, a, "--bootstrap-samples", "10") == [
+        "rnmt: warning: --bootstrap-samples not used: for --significance only"]
+    assert warnings("--ref", ref, a, "--significance", "--bootstrap-samples", "10", a) == []
+
+    (tmp_path / "src").write_text("one\ntwo\n")
+    (tmp_path / "ref").write_text("eins\nzwei\n")
+    model = ["-m", str(trained_checkpoint), "--src", str(tmp_path / "src"), "--device", "cpu"]
+    assert warnings(*model, "--ref", str(tmp_path / "ref"), "--batch-size", "8") == []
+    assert warnings(*model, "--ref", str(tmp_path / "ref"), "--tokenize", "intl",
+                    "--nbest-weight", "2") == [
+        "rnmt: warning: --tokenize, --nbest-weight not used: -m gives model scores (forced "
+        "decoding), not metrics"]
+    (tmp_path / "nbest").write_text("0\t-3.0\teins\n1\t-1.0\tzwei\n")
+    rescore = [*model, "--nbest-rescore", str(tmp_path / "nbest")]
+    assert warnings(*rescore, "--nbest-weight", "0.5", "--combine", "mean") == []
+    assert warnings(*rescore, "--ref", str(tmp_path / "ref"), "--metrics", "bleu", a) == [
+        f"rnmt: warning: {a} not used: --nbest-rescore re-ranks the n-best file",
+        "rnmt: warning: --ref, --metrics not used: --nbest-rescore re-ranks the n-best file "
+        "by model scores"]
 
 
 def test_nbest_rescoring_reports_json(trained_checkpoint, tmp_path):
