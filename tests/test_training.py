@@ -9,8 +9,8 @@ import torch
 from sacrebleu.metrics import CHRF
 
 from conftest import TINY_MODEL
-from rnmt.data import collate
 from rnmt import training
+from rnmt.data import collate
 from rnmt.preprocess import load_data
 from rnmt.training import TrainConfig, Trainer, clip_gradients, evaluate_loss, gradient_norm
 from rnmt.translator import Translator, load_model
