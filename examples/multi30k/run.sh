@@ -6,8 +6,14 @@
 #   MINUTES of training (default 15); DEVICE auto|cpu|cuda. With the best config (TUNE=1,
 #   the default) the checkpoint (best or average of the last 5) and length penalty are
 #   chosen on val. RESUME=1 continues an earlier run of the same pair and config up to
-#   MINUTES of training in all. MEMBERS=N trains N seeds side by side and chooses on val
-#   between each alone and their ensemble (rnmt translate -m a.pt -m b.pt).
+#   MINUTES of training in all. MEMBERS=N trains N seeds (side by side, or one after the
+#   other on DEVICE cpu, whose cores they would share) and chooses on val between each alone
+#   and their ensemble (rnmt translate -m a.pt -m b.pt). Also, from the environment:
+#   PRECISION=fp32|bf16|fp16 (training), STEPS=N (--max-steps: the budget in updates, not
+#   only minutes), FINETUNE=N (after training, N more updates from each run's best.pt at
+#   FINETUNE_LR, default a quarter of the config's rate: rnmt train --init-from, a fresh
+#   optimizer; the fine-tuned best.pt is then the member's model), TRAIN_ARGS="--dropout 0.3"
+#   (more rnmt train options for both phases, over the config's).
 # Data: $MULTI30K (default ../shared/data/multi30k) through prepare.py --from, which checks
 # every file's checksum. Output: work/multi30k/SRC-TGT-CONFIG/ with results.tsv.
 set -euo pipefail
@@ -27,12 +33,27 @@ mkdir -p "$out"
 members="${MEMBERS:-1}"; runs=(); pids=()
 # A run of this recipe is continued (RESUME=1) or trained anew over the earlier one.
 again=--overwrite; [ -z "${RESUME:-}" ] || again=--resume
+options=(--config "$here/$config.toml" --device "$device")
+[ -z "${PRECISION:-}" ] || options+=(--precision "$PRECISION")
+read -ra extra <<< "${TRAIN_ARGS:-}"; options+=("${extra[@]}")
+budget=(--max-time "$minutes"); [ -z "${STEPS:-}" ] || budget+=(--max-steps "$STEPS")
+finetune_lr="${FINETUNE_LR:-$("$python" -c "import sys; from rnmt.run_config import load_run_config; print(load_run_config(sys.argv[1])['lr'] / 4)" "$here/$config.toml")}"
+member() {  # member K RUN: train seed K into RUN, then (FINETUNE=N) fine-tune it into RUN-ft
+    local k="$1" run="$2" log="$out/train.log" tuned="$2-ft"
+    [ "$k" = 1 ] || log="$out/train$k.log"
+    "$rnmt" train "$out/bin" --save-dir "$run" "${options[@]}" "${budget[@]}" --seed "$k" \
+        "$again" 2> >(tee "$log" >&2)
+    [ -n "${FINETUNE:-}" ] || return 0
+    # A lower-rate last phase, always anew from best.pt: with RESUME=1 the run it starts
+    # from may have moved on.
+    "$rnmt" train "$out/bin" --save-dir "$tuned" "${options[@]}" --lr "$finetune_lr" \
+        --max-steps "$FINETUNE" --seed "$((k + 100))" --init-from "$run/best.pt" --overwrite \
+        2> >(tee "${log%.log}.ft.log" >&2)
+}
 for k in $(seq 1 "$members"); do
-    run="$out/run"; [ "$k" = 1 ] || run="$out/run$k"; runs+=("$run")
-    log="$out/train.log"; [ "$k" = 1 ] || log="$out/train$k.log"
-    "$rnmt" train "$out/bin" --save-dir "$run" --config "$here/$config.toml" --seed "$k" \
-        --max-time "$minutes" --device "$device" "$again" 2> >(tee "$log" >&2) &
-    pids+=($!)
+    run="$out/run"; [ "$k" = 1 ] || run="$out/run$k"
+    runs+=("$run"); [ -z "${FINETUNE:-}" ] || runs[-1]="$run-ft"
+    if [ "$device" = cpu ]; then member "$k" "$run"; else member "$k" "$run" & pids+=($!); fi
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
@@ -55,8 +76,8 @@ system="best.pt"; [ "$members" = 1 ] || system="ensemble-of-$members"; alpha=1.0
 if [ "$config" = best ] && [ "${TUNE:-1}" = 1 ]; then
     candidates=()  # "label<TAB>checkpoint<TAB>..." each (tabs: paths may hold spaces)
     if [ "$members" = 1 ]; then
-        "$rnmt" average --last 5 --save-dir "$out/run" -o "$out/average.pt" >&2 || true
-        candidates+=("best.pt"$'\t'"$out/run/best.pt")
+        "$rnmt" average --last 5 --save-dir "${runs[0]}" -o "$out/average.pt" >&2 || true
+        candidates+=("best.pt"$'\t'"${runs[0]}/best.pt")
         [ -f "$out/average.pt" ] && candidates+=("average.pt"$'\t'"$out/average.pt")
     else
         for run in "${runs[@]}"; do candidates+=("$(basename "$run")/best.pt"$'\t'"$run/best.pt"); done
