@@ -66,10 +66,14 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
 def warn_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
     """One warning line naming each of the options `names` (parameter names) that was given
     on the command line although the chosen mode ignores it: nothing is dropped in silence."""
-    unused = [f"--{name.replace('_', '-')}" for name in names
-              if given_on_command_line(ctx, name)]
-    if unused:
-        print(f"rnmt: warning: {', '.join(unused)} not used: {why}", file=sys.stderr)
+    warn_not_used([f"--{name.replace('_', '-')}" for name in names
+                   if given_on_command_line(ctx, name)], why)
+
+
+def warn_not_used(given: list[str], why: str) -> None:
+    """`rnmt: warning: A, B not used: why` on stderr, when anything was given in vain."""
+    if given:
+        print(f"rnmt: warning: {', '.join(given)} not used: {why}", file=sys.stderr)
 
 
 def out_of_memory_message(err: BaseException) -> str:

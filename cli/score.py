@@ -23,7 +23,7 @@ from rnmt.errors import ConfigError
 # named in a warning (`rnmt_cli.main.warn_unused`).
 METRIC_OPTIONS = ("metrics", "tokenize", "lowercase", "chrf_word_order", "bootstrap_samples",
                   "buckets")
-MODEL_OPTIONS = ("batch_size", "device")
+MODEL_SCORE_OPTIONS = ("batch_size", "device")
 RESCORE_OPTIONS = ("nbest_weight", "combine")
 
 
@@ -83,7 +83,7 @@ def score(
 ) -> None:
     """Score translations against references, compare systems, or score text with a model."""
     from rnmt.text import check_error_policy
-    from rnmt_cli.main import warn_unused
+    from rnmt_cli.main import warn_not_used, warn_unused
 
     check_error_policy(errors)
     files = list(hypotheses or [])
@@ -92,9 +92,8 @@ def score(
             raise ConfigError("--by-length, --significance and --plot compare systems; "
                               "they do not combine with -m")
         if nbest_rescore is not None:
-            if files:
-                print(f"rnmt: warning: {', '.join(map(str, files))} not used: "
-                      "--nbest-rescore re-ranks the n-best file", file=sys.stderr)
+            warn_not_used([str(path) for path in files],
+                          "--nbest-rescore re-ranks the n-best file")
             warn_unused(ctx, ("ref", *METRIC_OPTIONS),
                         "--nbest-rescore re-ranks the n-best file by model scores")
             _rescore(model, nbest_rescore, src, nbest_weight, combine, batch_size, device,
@@ -106,7 +105,7 @@ def score(
         return
     if nbest_rescore is not None:
         raise ConfigError("--nbest-rescore needs the model(s) to re-rank with (-m)")
-    warn_unused(ctx, MODEL_OPTIONS + RESCORE_OPTIONS, "for model scores (-m) only")
+    warn_unused(ctx, MODEL_SCORE_OPTIONS + RESCORE_OPTIONS, "for model scores (-m) only")
     if not significance:
         warn_unused(ctx, ("bootstrap_samples",), "for --significance only")
     if not by_length:
