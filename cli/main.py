@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from rnmt.errors import RnmtError, is_out_of_memory
+from rnmt.errors import RnmtError, is_out_of_memory, option_flag
 
 # name -> one-line summary; the function `name` of module `rnmt_cli.name` runs it.
 COMMANDS = {
@@ -66,7 +66,7 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
 def warn_unused(ctx: typer.Context, names: tuple[str, ...], why: str) -> None:
     """One warning line naming each of the options `names` (parameter names) that was given
     on the command line although the chosen mode ignores it: nothing is dropped in silence."""
-    warn_not_used([f"--{name.replace('_', '-')}" for name in names
+    warn_not_used([option_flag(name) for name in names
                    if given_on_command_line(ctx, name)], why)
 
 

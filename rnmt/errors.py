@@ -21,6 +21,11 @@ class ConfigError(RnmtError):
     """Options that contradict each other or the data."""
 
 
+def option_flag(name: str) -> str:
+    """The command-line spelling of a config field, for messages: `max_len_a` → `--max-len-a`."""
+    return "--" + name.replace("_", "-")
+
+
 # torch's messages for a failed CPU allocation, a failed CUDA one, and a size past any
 # address space (`--beam 10**17` over a batch of 64 rows).
 _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")

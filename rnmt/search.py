@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rnmt.errors import ConfigError
+from rnmt.errors import ConfigError, option_flag
 from rnmt.vocab import BOS, EOS, PAD, UNK
 
 MAX_LENGTH_PENALTY = 10.0  # |α| of --length-penalty
@@ -69,7 +69,7 @@ class SearchConfig:
         # empty output lines in silence, so a non-finite number is refused first.
         for name in ("length_penalty", "max_len_a", "unk_penalty", "temperature", "top_p"):
             if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, "
+                raise ConfigError(f"{option_flag(name)} must be a finite number, "
                                   f"not {getattr(self, name)}")
         if abs(self.length_penalty) > MAX_LENGTH_PENALTY:
             # ((5 + |Y|) / 6)^α overflows a float (or underflows to 0) long before this

@@ -69,7 +69,7 @@ from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.data import Batch, ParallelData, TokenBatchSampler, collate, pad_sentences
 from rnmt.device import check_threads, resolve_device
 from rnmt.distributed import Distributed
-from rnmt.errors import CheckpointError, ConfigError, RnmtError, is_out_of_memory
+from rnmt.errors import CheckpointError, ConfigError, RnmtError, is_out_of_memory, option_flag
 from rnmt.heap import keep_freed_memory
 from rnmt.models import Model, ModelConfig, build_model
 from rnmt.nn.rnn import compact_rnn_weights
@@ -143,7 +143,7 @@ class TrainConfig:
         for name in ("best_metric", "early_stop_metric"):
             value = getattr(self, name)
             if value is not None and value not in METRICS:
-                raise ConfigError(f"unknown --{name.replace('_', '-')} {value!r}; "
+                raise ConfigError(f"unknown {option_flag(name)} {value!r}; "
                                   f"choose from {', '.join(METRICS)}")
         check_precision_name(self.precision)
         if self.update_freq < 1 or self.max_tokens < 1 or self.log_every < 1:
@@ -164,7 +164,7 @@ class TrainConfig:
                      "max_sentences", "max_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{option_flag(name)} must be at least 1")
 
     @property
     def stop_metric(self) -> str:

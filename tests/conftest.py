@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from rnmt.errors import option_flag
+
 ROOT = Path(__file__).resolve().parent.parent
 RNMT = [sys.executable, "-m", "rnmt_cli.main"]
 
 TINY_MODEL = dict(emb_dim=32, hidden_dim=32, dec_hidden_dim=64, attn_dim=32, output_dim=64,
                   dropout=0.0)
+TINY_MODEL_FLAGS = [f"{option_flag(k)}={v}" for k, v in TINY_MODEL.items()]
 
 
 def through_recurrence(product, xs, h0, weight):

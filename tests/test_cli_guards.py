@@ -17,18 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RNMT, TINY_MODEL, assert_one_line_error, run_rnmt
+from conftest import RNMT, TINY_MODEL_FLAGS, assert_one_line_error, run_rnmt
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.errors import ConfigError
 from rnmt.optim import build_optimizer
 from rnmt.training import TrainConfig
 
-SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
-
 
 def _train(bin_dir, save_dir, *extra: str) -> subprocess.CompletedProcess:
     return run_rnmt("train", str(bin_dir), "--save-dir", str(save_dir), "--device", "cpu",
-                    "--threads", "1", "--no-plot", *SIZES, *extra)
+                    "--threads", "1", "--no-plot", *TINY_MODEL_FLAGS, *extra)
 
 
 # --- train: a save directory of another run ------------------------------------------
@@ -49,7 +47,7 @@ def test_a_second_run_into_a_save_dir_in_use_is_refused(bin_dir, tmp_path):
     with open(log, "wb") as sink:  # a file, not a pipe nobody reads while it trains
         first = subprocess.Popen(
             RNMT + ["train", str(bin_dir), "--save-dir", str(run), "--device", "cpu",
-                    "--threads", "1", "--no-plot", *SIZES, "--max-tokens", "800",
+                    "--threads", "1", "--no-plot", *TINY_MODEL_FLAGS, "--max-tokens", "800",
                     "--max-steps", "100000", "--save-every", "100000"],
             stdout=subprocess.DEVNULL, stderr=sink)
     try:

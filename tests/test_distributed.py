@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RNMT, ROOT, TINY_MODEL, run_rnmt
+from conftest import RNMT, ROOT, TINY_MODEL, TINY_MODEL_FLAGS, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 from rnmt.data import TokenBatchSampler
 from rnmt.distributed import Distributed
@@ -21,11 +21,10 @@ from rnmt.preprocess import load_data
 from rnmt.training import TrainConfig, Trainer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]  # dropout 0
 # 17 batches an epoch at --max-tokens 800: 6 updates of 2 batches stay in the first epoch;
 # validation (broadcast to rank 1) and a save (RNG states gathered) after update 3.
 OPTIONS = ["--device", "cpu", "--max-tokens", "800", "--lr", "3e-3", "--log-every", "1",
-           "--valid-every", "3", "--no-plot", *SIZES]
+           "--valid-every", "3", "--no-plot", *TINY_MODEL_FLAGS]
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ import torch
 
 from conftest import run_rnmt
 from rnmt.data import pad_sentences
+from rnmt.errors import option_flag
 from rnmt.models import build_model
 from rnmt.preprocess import PreprocessConfig, preprocess
 from rnmt.search import SearchConfig, search
@@ -44,7 +45,7 @@ GRID = [
 def _cli_flags(options: dict) -> list[str]:
     flags = []
     for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
+        flag = option_flag(key)
         if value is True:
             flags.append(flag)
         else:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import RNMT, ROOT, TINY_MODEL, assert_one_line_error, load_benchmark, run_rnmt
+from conftest import (RNMT, ROOT, TINY_MODEL, TINY_MODEL_FLAGS, assert_one_line_error,
+                      load_benchmark, run_rnmt)
 from rnmt.checkpoint import load_checkpoint, save_checkpoint
 from rnmt.training import SilentReporter
 
@@ -128,11 +129,10 @@ def test_a_malicious_checkpoint_runs_no_code(tmp_path):
 
 
 def _train_process(bin_dir, save_dir, *extra: str) -> subprocess.Popen:
-    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(
         RNMT + ["train", str(bin_dir), "--save-dir", str(save_dir), "--device", "cpu",
-                "--max-tokens", "400", "--log-every", "1", *sizes, *extra],
+                "--max-tokens", "400", "--log-every", "1", *TINY_MODEL_FLAGS, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
     )
 
@@ -387,12 +387,11 @@ def _wait_for(condition, timeout: float = 120) -> None:
 
 
 def _spawn_training(bin_dir, save_dir, log, *extra: str) -> subprocess.Popen:
-    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(
         RNMT + ["train", str(bin_dir), "--save-dir", str(save_dir), "--device", "cpu",
                 "--max-tokens", "400", "--log-every", "1", "--save-every", "2",
-                "--no-plot", *sizes, *extra],
+                "--no-plot", *TINY_MODEL_FLAGS, *extra],
         stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT,
     )
 
@@ -470,12 +469,11 @@ main()
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_clearly(bin_dir,
                                                                                tmp_path):
-    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", WRITER_FAILS_AFTER.format(n=2), "train", str(bin_dir),
          "--save-dir", str(tmp_path), "--device", "cpu", "--max-tokens", "400",
-         "--save-every", "3", "--max-steps", "30", "--no-plot", *sizes],
+         "--save-every", "3", "--max-steps", "30", "--no-plot", *TINY_MODEL_FLAGS],
         capture_output=True, env=env, cwd=ROOT, timeout=180)
     err = result.stderr.decode()
     assert result.returncode == 2, err

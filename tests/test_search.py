@@ -19,10 +19,11 @@ from rnmt.search import (SearchConfig, beam_search, greedy_search, length_penalt
 from rnmt.vocab import EOS, UNK
 
 
-def _model(seed: int):
+def _model(seed: int, **architecture):
     torch.manual_seed(seed)
     config = ModelConfig(src_vocab_size=40, tgt_vocab_size=30, emb_dim=16, hidden_dim=16,
-                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0)
+                         dec_hidden_dim=24, attn_dim=12, output_dim=20, dropout=0.0,
+                         **architecture)
     return build_model(config).eval()
 
 
@@ -298,9 +299,16 @@ def test_an_ensemble_of_one_model_searches_like_the_model():
     assert [[h.tokens for h in s] for s in alone] == [[h.tokens for h in s] for s in ensemble]
 
 
-def test_an_ensemble_averages_its_members_log_probabilities():
-    a, b = _model(16), _model(17)
-    ensemble = Ensemble([a, b])
+# Members share a vocabulary, nothing else: each keeps its own encoder output and state.
+MIXED_MEMBERS = [dict(), dict(cell="gru"), dict(attention="general", input_feeding=True),
+                 dict(enc_layers=2, dec_layers=2), dict(arch="seq2seq", cell="rnn")]
+
+
+@pytest.mark.parametrize("architectures", [[dict(), dict()], MIXED_MEMBERS],
+                         ids=["two seeds", "five architectures"])
+def test_an_ensemble_averages_its_members_log_probabilities(architectures):
+    members = [_model(16 + k, **a) for k, a in enumerate(architectures)]
+    ensemble = Ensemble(members)
     src, lengths = _batch(16, n=4)
     hyps = beam_search(ensemble, src, lengths, SearchConfig(beam=3))
     for i, sentence in enumerate(hyps):
@@ -308,9 +316,9 @@ def test_an_ensemble_averages_its_members_log_probabilities():
         s, n = src[i : i + 1, : lengths[i]], lengths[i : i + 1]
         tgt = torch.tensor([[2] + tokens])
         gold = torch.tensor(tokens + [EOS])
-        mean = (torch.log_softmax(a(s, n, tgt), -1) + torch.log_softmax(b(s, n, tgt), -1)) / 2
+        mean = torch.stack([torch.log_softmax(m(s, n, tgt), -1) for m in members]).mean(0)
         expected = torch.log_softmax(mean, -1)[0, torch.arange(len(gold)), gold].sum()
-        assert abs(float(expected) - sentence[0].score) < 1e-4
+        assert abs(float(expected.detach()) - sentence[0].score) < 1e-4
         assert abs(_forced_score(ensemble, s, n, tokens) - sentence[0].score) < 1e-4
 
 

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_one_line_error, run_rnmt
+from conftest import TINY_MODEL, TINY_MODEL_FLAGS, assert_one_line_error, run_rnmt
 from rnmt.checkpoint import load_checkpoint
 from rnmt.errors import ConfigError
 from rnmt.training import TrainConfig, Trainer, evaluate_loss
 from rnmt.vocab import Vocabulary
 from rnmt.warm_start import vocabulary_side
 
-SIZES = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
 
 
 def _config(tmp_path, name: str, **options) -> TrainConfig:

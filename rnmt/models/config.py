@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from rnmt.errors import ConfigError
+from rnmt.errors import ConfigError, option_flag
 from rnmt.nn.attention import SCORES
 from rnmt.nn.rnn import CELLS, IMPLS
 
@@ -68,10 +68,10 @@ class ModelConfig:
         for name in ("emb_dim", "hidden_dim", "dec_hidden_dim", "enc_layers", "dec_layers",
                      "attn_dim", "output_dim"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{option_flag(name)} must be at least 1")
         for name in ("enc_layers", "dec_layers"):
             if getattr(self, name) > MAX_LAYERS:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at most {MAX_LAYERS}")
+                raise ConfigError(f"{option_flag(name)} must be at most {MAX_LAYERS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("--dropout must be in [0, 1)")
         if self.input_feeding and not (self.arch == "attention" and self.attention != "bahdanau"):
@@ -104,7 +104,7 @@ def changed_options(given: dict[str, Any], saved: dict[str, Any], names: Iterabl
                     whose: str) -> list[str]:
     """`--name value (whose: saved value)` for each of `names` set in `given` to another value
     than in `saved`: the model options a run asks to change on weights that fix them."""
-    return [f"--{name.replace('_', '-')} {given[name]} ({whose}: {saved[name]})"
+    return [f"{option_flag(name)} {given[name]} ({whose}: {saved[name]})"
             for name in names
             if name in given and name in saved and given[name] is not None
             and given[name] != saved[name]]
