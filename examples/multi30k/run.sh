@@ -13,7 +13,9 @@
 #   only minutes), FINETUNE=N (after training, N more updates from each run's best.pt at
 #   FINETUNE_LR, default a quarter of the config's rate: rnmt train --init-from, a fresh
 #   optimizer; the fine-tuned best.pt is then the member's model), TRAIN_ARGS="--dropout 0.3"
-#   (more rnmt train options for both phases, over the config's).
+#   (more rnmt train options for both phases, over the config's), MEMBER2_ARGS="--cell gru"
+#   (options of member k alone, over those: members of other architectures, which share the
+#   vocabulary and so still ensemble).
 # Data: $MULTI30K (default ../shared/data/multi30k) through prepare.py --from, which checks
 # every file's checksum. Output: work/multi30k/SRC-TGT-CONFIG/ with results.tsv.
 set -euo pipefail
@@ -39,16 +41,17 @@ read -ra extra <<< "${TRAIN_ARGS:-}"; options+=("${extra[@]}")
 budget=(--max-time "$minutes"); [ -z "${STEPS:-}" ] || budget+=(--max-steps "$STEPS")
 finetune_lr="${FINETUNE_LR:-$("$python" -c "import sys; from rnmt.run_config import load_run_config; print(load_run_config(sys.argv[1])['lr'] / 4)" "$here/$config.toml")}"
 member() {  # member K RUN: train seed K into RUN, then (FINETUNE=N) fine-tune it into RUN-ft
-    local k="$1" run="$2" log="$out/train.log" tuned="$2-ft"
+    local k="$1" run="$2" log="$out/train.log" tuned="$2-ft" own="MEMBER${1}_ARGS" mine
     [ "$k" = 1 ] || log="$out/train$k.log"
-    "$rnmt" train "$out/bin" --save-dir "$run" "${options[@]}" "${budget[@]}" --seed "$k" \
-        "$again" 2> >(tee "$log" >&2)
+    read -ra mine <<< "${!own:-}"
+    "$rnmt" train "$out/bin" --save-dir "$run" "${options[@]}" "${mine[@]}" "${budget[@]}" \
+        --seed "$k" "$again" 2> >(tee "$log" >&2)
     [ -n "${FINETUNE:-}" ] || return 0
     # A lower-rate last phase, always anew from best.pt: with RESUME=1 the run it starts
     # from may have moved on.
-    "$rnmt" train "$out/bin" --save-dir "$tuned" "${options[@]}" --lr "$finetune_lr" \
-        --max-steps "$FINETUNE" --seed "$((k + 100))" --init-from "$run/best.pt" --overwrite \
-        2> >(tee "${log%.log}.ft.log" >&2)
+    "$rnmt" train "$out/bin" --save-dir "$tuned" "${options[@]}" "${mine[@]}" \
+        --lr "$finetune_lr" --max-steps "$FINETUNE" --seed "$((k + 100))" \
+        --init-from "$run/best.pt" --overwrite 2> >(tee "${log%.log}.ft.log" >&2)
 }
 for k in $(seq 1 "$members"); do
     run="$out/run"; [ "$k" = 1 ] || run="$out/run$k"
