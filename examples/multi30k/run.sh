@@ -39,7 +39,10 @@ options=(--config "$here/$config.toml" --device "$device")
 [ -z "${PRECISION:-}" ] || options+=(--precision "$PRECISION")
 read -ra extra <<< "${TRAIN_ARGS:-}"; options+=("${extra[@]}")
 budget=(--max-time "$minutes"); [ -z "${STEPS:-}" ] || budget+=(--max-steps "$STEPS")
-finetune_lr="${FINETUNE_LR:-$("$python" -c "import sys; from rnmt.run_config import load_run_config; print(load_run_config(sys.argv[1])['lr'] / 4)" "$here/$config.toml")}"
+# FINETUNE's default rate: a quarter of the config's, read as rnmt train reads the config.
+[ -z "${FINETUNE:-}" ] || finetune_lr="${FINETUNE_LR:-$("$python" -c "import sys
+from rnmt.run_config import load_run_config
+print(load_run_config(sys.argv[1])['lr'] / 4)" "$here/$config.toml")}"
 member() {  # member K RUN: train seed K into RUN, then (FINETUNE=N) fine-tune it into RUN-ft
     local k="$1" run="$2" log="$out/train.log" tuned="$2-ft" own="MEMBER${1}_ARGS" mine
     [ "$k" = 1 ] || log="$out/train$k.log"
