@@ -26,6 +26,7 @@ def preprocess(
     separate_vocab: Annotated[bool, typer.Option(help="Train one sentencepiece model per language instead of a joint one.")] = False,
     joined_dictionary: Annotated[bool, typer.Option(help="One vocabulary for both sides (needed to share embeddings).")] = False,
     spm_model: Annotated[Optional[Path], typer.Option(help="Reuse this sentencepiece model (any special ids) instead of training one.")] = None,
+    vocab_from: Annotated[Optional[Path], typer.Option(help="Reuse the sentencepiece model and vocabularies of this earlier output directory (one id space: models trained on either ensemble).")] = None,
     max_len: Annotated[int, typer.Option(help="Drop training pairs with a side longer than this many pieces.")] = 250,
     errors: Annotated[str, typer.Option(help="Invalid UTF-8: replace (U+FFFD, counted) or strict (stop).")] = "replace",
     threads: Annotated[int, typer.Option(help="Threads for sentencepiece.")] = 2,
@@ -44,22 +45,26 @@ def preprocess(
         raise ConfigError("-l/--lang is for --mono; a parallel corpus needs -s and -t")
     elif source_lang is None or target_lang is None:
         raise ConfigError("give the languages: -s SRC -t TGT (or --mono -l LANG)")
-    if spm_model is not None:
+    if vocab_from is not None:
+        warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"),
+                    "--vocab-from's vocabularies are used as they are")
+    elif spm_model is not None:
         warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"),
                     "--spm-model is used as it is, for both languages")
     report = run(PreprocessConfig(
         src_lang=source_lang, tgt_lang=target_lang, out=out, train=train, valid=valid,
         test=test, vocab_size=vocab_size, model_type=model_type, separate_vocab=separate_vocab,
         joined_dictionary=joined_dictionary, spm_model=spm_model, max_len=max_len,
-        errors=errors, threads=threads, mono=mono,
+        errors=errors, threads=threads, mono=mono, vocab_from=vocab_from,
     ))
     console = Console(stderr=True)
     table = Table(title=f"rnmt preprocess → {out}")
-    for column in ("split", "lines" if mono else "pairs", "kept", "empty", f"> {max_len} pieces", "invalid UTF-8 lines"):
+    for column in ("split", "lines" if mono else "pairs", "kept", "empty", f"> {max_len} pieces",
+                   "invalid UTF-8 lines", "<unk> pieces"):
         table.add_column(column, justify="right")
     for s in report.splits:
         table.add_row(s.name, str(s.total), str(s.kept), str(s.empty), str(s.too_long),
-                      str(s.invalid_utf8_lines))
+                      str(s.invalid_utf8_lines), str(s.unknown_pieces))
     console.print(table)
     sizes = ", ".join(f"{lang} {n}" for lang, n in report.vocab_sizes.items())
     console.print(f"vocabulary sizes (with 4 specials): {sizes}")

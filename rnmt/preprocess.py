@@ -10,6 +10,14 @@ Output directory layout:
 
 A monolingual corpus (`mono=True`, for a language model) has one language: meta.json says
 `"mono": true`, `src_lang == tgt_lang == lang`, one vocabulary and one file pair per split.
+
+`vocab_from` reuses the sentencepiece model(s) and vocabularies of an earlier output
+directory, language by language, instead of learning them from this corpus (fairseq's
+`--srcdict`/`--tgtdict`, OpenNMT-py's `-src_vocab`/`-tgt_vocab`). The new corpus then
+shares that corpus's id space, so that models trained on either ensemble (`translate -m a
+-m b`), as for a student trained on its teachers' translations (sequence-level knowledge
+distillation) or on back-translated data. Pieces the reused vocabulary lacks encode to
+`<unk>`; each split reports how many.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from rnmt.data import ParallelData, TokenArray, TokenArrayWriter
 from rnmt.device import MAX_THREADS
 from rnmt.errors import DataError
 from rnmt.text import TextLines, check_error_policy, corpus_path
-from rnmt.vocab import Vocabulary, check_vocab_size, train_sentencepiece
+from rnmt.vocab import UNK, Vocabulary, check_vocab_size, train_sentencepiece
 
 META = "meta.json"
 CHUNK_LINES = 50_000  # lines encoded and written at a time: memory for a chunk, not a corpus
@@ -48,6 +58,7 @@ class PreprocessConfig:
     errors: str = "replace"
     threads: int = 2
     mono: bool = False  # one language (src_lang == tgt_lang): a language model's corpus
+    vocab_from: Path | None = None  # an output directory whose vocabularies are reused
 
 
 @dataclass
@@ -60,6 +71,7 @@ class SplitReport:
     empty: int = 0
     too_long: int = 0
     invalid_utf8_lines: int = 0
+    unknown_pieces: int = 0  # pieces of the kept lines, both sides, encoded to <unk>
 
 
 @dataclass
@@ -99,6 +111,8 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
         raise DataError(f"--out {c.out}: exists and is not a directory")
     if c.model_type not in ("unigram", "bpe"):
         raise DataError(f"unknown --model-type {c.model_type!r}; choose unigram or bpe")
+    if c.vocab_from is not None and c.spm_model is not None:
+        raise DataError("--vocab-from brings its own sentencepiece model: drop --spm-model")
     if c.mono:
         return _preprocess_mono(c)
     if c.src_lang == c.tgt_lang:
@@ -120,7 +134,17 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
                             "data is empty")
         texts[name] = (src, tgt)
 
-    src_vocab, tgt_vocab, spm_files = _vocabularies(c, *texts["train"])
+    if c.vocab_from is not None:
+        reused = _reused_vocabularies(c.vocab_from, (c.src_lang, c.tgt_lang))
+        src_vocab, tgt_vocab = (reused[lang][0] for lang in (c.src_lang, c.tgt_lang))
+        if c.joined_dictionary and src_vocab is not tgt_vocab:
+            raise DataError(f"--joined-dictionary: the vocabularies of --vocab-from "
+                            f"{c.vocab_from} are not joined")
+        spm_files = {name: vocab.spm_proto for vocab, name in reused.values()}
+        spm_names = {lang: name for lang, (_, name) in reused.items()}
+    else:
+        src_vocab, tgt_vocab, spm_files = _vocabularies(c, *texts["train"])
+        spm_names = {lang: _spm_name(c, lang) for lang in (c.src_lang, c.tgt_lang)}
 
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / META).unlink(missing_ok=True)  # written last: a failed run leaves no corpus
@@ -144,7 +168,7 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
         "src_lang": c.src_lang,
         "tgt_lang": c.tgt_lang,
         "joined_dictionary": src_vocab is tgt_vocab,
-        "spm": {c.src_lang: _spm_name(c, c.src_lang), c.tgt_lang: _spm_name(c, c.tgt_lang)},
+        "spm": spm_names,
         "vocab_sizes": report.vocab_sizes,
         "splits": {s.name: asdict(s) for s in report.splits},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(c).items()},
@@ -171,11 +195,15 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
         raise DataError(f"{texts['valid'].path}: validation data is empty")
 
     train = texts["train"]
-    if c.spm_model is not None:
-        proto = _read_spm(c.spm_model)
+    if c.vocab_from is not None:
+        vocab = _reused_vocabularies(c.vocab_from, (lang,))[lang][0]
+        proto = vocab.spm_proto
     else:
-        proto = train_sentencepiece(train, c.vocab_size, c.model_type, threads=c.threads)
-    vocab = Vocabulary.build(proto, train, c.threads)
+        if c.spm_model is not None:
+            proto = _read_spm(c.spm_model)
+        else:
+            proto = train_sentencepiece(train, c.vocab_size, c.model_type, threads=c.threads)
+        vocab = Vocabulary.build(proto, train, c.threads)
 
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / META).unlink(missing_ok=True)
@@ -229,6 +257,8 @@ def _binarise(c: PreprocessConfig, name: str,
                 ids = [[side[i] for i in keep] for side in ids]
             for writer, side_ids in zip(writers, ids):
                 writer.append(side_ids)
+                if side_ids:
+                    split.unknown_pieces += int(np.count_nonzero(np.concatenate(side_ids) == UNK))
         split.kept = writers[0].sentences
         if name == "train" and split.kept == 0:
             unit = "pair" if len(sides) == 2 else "line"
@@ -269,6 +299,20 @@ def _vocabularies(
         Vocabulary.build(tgt_proto, tgt_train, c.threads),
         files,
     )
+
+
+def _reused_vocabularies(directory: Path, langs: tuple[str, ...]
+                         ) -> dict[str, tuple[Vocabulary, str]]:
+    """Per language, the vocabulary of an earlier output directory and the name of its
+    sentencepiece file there (one object for both languages where that corpus joined them)."""
+    meta = load_meta(directory)
+    have = [meta["src_lang"], meta["tgt_lang"]]
+    for lang in langs:
+        if lang not in have:
+            raise DataError(f"--vocab-from {directory}: has no {lang} vocabulary (its "
+                            f"languages: {', '.join(dict.fromkeys(have))})")
+    vocabs = dict(zip(have, load_vocabularies(directory, meta)))
+    return {lang: (vocabs[lang], meta["spm"][lang]) for lang in langs}
 
 
 def _read_spm(path: Path) -> bytes:
