@@ -45,12 +45,12 @@ def preprocess(
         raise ConfigError("-l/--lang is for --mono; a parallel corpus needs -s and -t")
     elif source_lang is None or target_lang is None:
         raise ConfigError("give the languages: -s SRC -t TGT (or --mono -l LANG)")
-    if vocab_from is not None:
-        warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"),
-                    "--vocab-from's vocabularies are used as they are")
-    elif spm_model is not None:
-        warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"),
-                    "--spm-model is used as it is, for both languages")
+    # Options that shape a new sentencepiece model, when none is learnt.
+    reused = ("--vocab-from's vocabularies are used as they are" if vocab_from is not None
+              else "--spm-model is used as it is, for both languages" if spm_model is not None
+              else None)
+    if reused is not None:
+        warn_unused(ctx, ("vocab_size", "model_type", "separate_vocab"), reused)
     report = run(PreprocessConfig(
         src_lang=source_lang, tgt_lang=target_lang, out=out, train=train, valid=valid,
         test=test, vocab_size=vocab_size, model_type=model_type, separate_vocab=separate_vocab,

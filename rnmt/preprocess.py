@@ -140,17 +140,18 @@ def _preprocess(c: PreprocessConfig) -> PreprocessReport:
         if c.joined_dictionary and src_vocab is not tgt_vocab:
             raise DataError(f"--joined-dictionary: the vocabularies of --vocab-from "
                             f"{c.vocab_from} are not joined")
-        spm_files = {name: vocab.spm_proto for vocab, name in reused.values()}
         spm_names = {lang: name for lang, (_, name) in reused.items()}
     else:
-        src_vocab, tgt_vocab, spm_files = _vocabularies(c, *texts["train"])
+        src_vocab, tgt_vocab = _vocabularies(c, *texts["train"])
         spm_names = {lang: _spm_name(c, lang) for lang in (c.src_lang, c.tgt_lang)}
 
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / META).unlink(missing_ok=True)  # written last: a failed run leaves no corpus
-    for filename, proto in spm_files.items():
+    sides = ((c.src_lang, src_vocab), (c.tgt_lang, tgt_vocab))
+    # one file when both sides share a sentencepiece model
+    for filename, proto in {spm_names[lang]: v.spm_proto for lang, v in sides}.items():
         (c.out / filename).write_bytes(proto)
-    for lang, vocab in ((c.src_lang, src_vocab), (c.tgt_lang, tgt_vocab)):
+    for lang, vocab in sides:
         (c.out / f"vocab.{lang}.json").write_text(
             json.dumps(vocab.pieces, ensure_ascii=False), encoding="utf-8"
         )
@@ -197,17 +198,16 @@ def _preprocess_mono(c: PreprocessConfig) -> PreprocessReport:
     train = texts["train"]
     if c.vocab_from is not None:
         vocab = _reused_vocabularies(c.vocab_from, (lang,))[lang][0]
-        proto = vocab.spm_proto
+    elif c.spm_model is not None:
+        vocab = Vocabulary.build(_read_spm(c.spm_model), train, c.threads)
     else:
-        if c.spm_model is not None:
-            proto = _read_spm(c.spm_model)
-        else:
-            proto = train_sentencepiece(train, c.vocab_size, c.model_type, threads=c.threads)
-        vocab = Vocabulary.build(proto, train, c.threads)
+        vocab = Vocabulary.build(
+            train_sentencepiece(train, c.vocab_size, c.model_type, threads=c.threads),
+            train, c.threads)
 
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / META).unlink(missing_ok=True)
-    (c.out / "spm.model").write_bytes(proto)
+    (c.out / "spm.model").write_bytes(vocab.spm_proto)
     (c.out / f"vocab.{lang}.json").write_text(json.dumps(vocab.pieces, ensure_ascii=False),
                                              encoding="utf-8")
     report = PreprocessReport(vocab_sizes={lang: len(vocab)})
@@ -273,8 +273,9 @@ def _spm_name(c: PreprocessConfig, lang: str) -> str:
 
 def _vocabularies(
     c: PreprocessConfig, src_train: Iterable[str], tgt_train: Iterable[str]
-) -> tuple[Vocabulary, Vocabulary, dict[str, bytes]]:
-    """The two sides' vocabularies (one object if joined) and the sentencepiece files.
+) -> tuple[Vocabulary, Vocabulary]:
+    """The two sides' vocabularies (one object if joined), each holding its sentencepiece
+    model.
 
     The training text is iterated (streamed), once per model learnt and once per vocabulary.
     """
@@ -288,16 +289,14 @@ def _vocabularies(
         src_proto = tgt_proto = train_sentencepiece(
             itertools.chain(src_train, tgt_train), c.vocab_size, c.model_type, threads=c.threads
         )
-    files = {_spm_name(c, c.src_lang): src_proto, _spm_name(c, c.tgt_lang): tgt_proto}
     if c.joined_dictionary:
         if src_proto != tgt_proto:
             raise DataError("--joined-dictionary needs one sentencepiece model for both sides")
         joint = Vocabulary.build(src_proto, itertools.chain(src_train, tgt_train), c.threads)
-        return joint, joint, files
+        return joint, joint
     return (
         Vocabulary.build(src_proto, src_train, c.threads),
         Vocabulary.build(tgt_proto, tgt_train, c.threads),
-        files,
     )
 
 
